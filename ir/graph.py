@@ -1,0 +1,204 @@
+"""The graph IR: values, nodes and graphs in SSA form.
+
+Immutable by convention: passes build new graphs (with :class:`GraphBuilder`) rather than
+editing old ones. Values are compared by identity; their names are unique within a graph.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .types import TensorType
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.]*$")
+
+
+@dataclass(eq=False)
+class Value:
+    """An SSA value: defined once (as a graph argument or a node output), used anywhere after."""
+
+    name: str
+    type: TensorType
+
+    def __repr__(self) -> str:
+        return f"%{self.name}: {self.type}"
+
+
+class ArgKind(enum.Enum):
+    """What a graph argument is: data fed per call, a trained parameter, or carried state."""
+
+    input = "input"
+    param = "param"
+    state = "state"
+
+
+@dataclass(frozen=True)
+class SourceLoc:
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(eq=False)
+class Node:
+    """One op application. ``scope`` is the DSL layer path (``fc1``, ``blocks.0.norm``);
+    ``note`` says where a generated node came from (e.g. the VJP rule that emitted it)."""
+
+    op: str
+    inputs: tuple[Value, ...]
+    outputs: tuple[Value, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    loc: SourceLoc | None = None
+    scope: str = ""
+    note: str | None = None
+
+    @property
+    def output(self) -> Value:
+        assert len(self.outputs) == 1, f"{self.op} has {len(self.outputs)} outputs"
+        return self.outputs[0]
+
+
+@dataclass(eq=False)
+class Graph:
+    """A function: arguments (inputs, params, state), nodes in execution order, outputs, and
+    ``updates``: new values for state arguments (BatchNorm running stats, optimizer moments)."""
+
+    name: str
+    args: list[tuple[ArgKind, Value]]
+    nodes: list[Node]
+    outputs: list[Value]
+    updates: list[tuple[Value, Value]] = field(default_factory=list)
+
+    def args_of(self, kind: ArgKind) -> list[Value]:
+        return [v for k, v in self.args if k is kind]
+
+    @property
+    def inputs(self) -> list[Value]:
+        return self.args_of(ArgKind.input)
+
+    @property
+    def params(self) -> list[Value]:
+        return self.args_of(ArgKind.param)
+
+    @property
+    def state(self) -> list[Value]:
+        return self.args_of(ArgKind.state)
+
+    def values(self) -> Iterable[Value]:
+        for _, v in self.args:
+            yield v
+        for n in self.nodes:
+            yield from n.outputs
+
+    def value(self, name: str) -> Value:
+        for v in self.values():
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+    def producers(self) -> dict[Value, Node]:
+        return {v: n for n in self.nodes for v in n.outputs}
+
+    def users(self) -> dict[Value, list[Node]]:
+        out: dict[Value, list[Node]] = {v: [] for v in self.values()}
+        for n in self.nodes:
+            for v in dict.fromkeys(n.inputs):
+                out[v].append(n)
+        return out
+
+    def __str__(self) -> str:
+        from .printer import print_graph
+
+        return print_graph(self)
+
+
+class GraphBuilder:
+    """Builds a graph node by node, checking each op's shape rule as it goes.
+
+    Used by the tracer, by parsers and by passes, so that every graph is made the same way.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.args: list[tuple[ArgKind, Value]] = []
+        self.nodes: list[Node] = []
+        self._names: set[str] = set()
+
+    def fresh_name(self, hint: str) -> str:
+        """``hint`` if unused, else ``hint.1``, ``hint.2``, ..."""
+        if hint not in self._names:
+            return hint
+        i = 1
+        while f"{hint}.{i}" in self._names:
+            i += 1
+        return f"{hint}.{i}"
+
+    def _claim(self, name: str) -> str:
+        assert name not in self._names, f"duplicate value name {name}"
+        assert NAME_RE.match(name), f"bad value name {name!r}"
+        self._names.add(name)
+        return name
+
+    def arg(self, name: str, type: TensorType, kind: ArgKind = ArgKind.input, *, exact: bool = False) -> Value:
+        v = Value(self._claim(name if exact else self.fresh_name(name)), type)
+        self.args.append((kind, v))
+        return v
+
+    def rename(self, value: Value, hint: str) -> None:
+        """Give ``value`` a better name (e.g. the layer that produced it), if it is free."""
+        if value.name == hint or hint in self._names:
+            return
+        self._names.discard(value.name)
+        value.name = self._claim(hint)
+
+    def emit(self, op: str, inputs: Sequence[Value], attrs: dict[str, Any] | None = None, *,
+             names: Sequence[str] | None = None, hint: str | None = None, loc: SourceLoc | None = None,
+             scope: str = "", note: str | None = None, types: Sequence[TensorType] | None = None
+             ) -> tuple[Value, ...]:
+        """Append ``op(inputs)``; returns its output values.
+
+        Output types come from the op's shape rule (which raises ShapeError on bad operands).
+        ``names`` fixes the output names exactly (parser); otherwise ``hint`` is made unique.
+        ``types``, when given, must equal the inferred types (parser, verifier).
+        """
+        from .registry import get_op
+
+        opdef = get_op(op)
+        attrs = opdef.normalize_attrs(attrs or {})
+        inferred = opdef.infer_types([v.type for v in inputs], attrs)
+        if types is not None and tuple(types) != inferred:
+            got = ", ".join(map(str, types))
+            want = ", ".join(map(str, inferred))
+            from gradfuse.errors import VerifyError
+
+            raise VerifyError(f"{op}: declared result type {got} but its operands give {want}")
+        if names is not None:
+            assert len(names) == len(inferred)
+            out_names = [self._claim(n) for n in names]
+        else:
+            base = hint or (f"{scope}.{op}" if scope else op)
+            out_names = []
+            for i in range(len(inferred)):
+                out_names.append(self._claim(self.fresh_name(base if i == 0 else f"{base}.{opdef.output_names[i]}")))
+        outs = tuple(Value(n, t) for n, t in zip(out_names, inferred, strict=True))
+        self.nodes.append(Node(op, tuple(inputs), outs, attrs, loc, scope, note))
+        return outs
+
+    def emit1(self, op: str, *inputs: Value, **kw) -> Value:
+        (out,) = self.emit(op, inputs, kw.pop("attrs", None), **kw)
+        return out
+
+    def finish(self, outputs: Sequence[Value], updates: Sequence[tuple[Value, Value]] = (),
+               verify: bool = True) -> Graph:
+        g = Graph(self.name, list(self.args), list(self.nodes), list(outputs), list(updates))
+        if verify:
+            from .verifier import verify as _verify
+
+            _verify(g)
+        return g

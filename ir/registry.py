@@ -1,0 +1,160 @@
+"""The op registry: one record per op holding everything the pipeline needs of it.
+
+An :class:`OpDef` carries the op's shape/dtype rule (``infer``), its numpy semantics (``ref``,
+the reference interpreter and test oracle), its attributes with their kinds and defaults, its
+VJP rule (or why it has none) and its lowerings. Ops are defined in ``ir/ops/*.py``; adding an
+op touches one of those files plus tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradfuse.errors import AttrError
+
+from .types import DType, TensorType, check_dim
+
+REQUIRED = object()
+
+# Attribute kinds: how a value is checked, normalised and printed.
+ATTR_KINDS = ("int", "float", "bool", "str", "dtype", "ints", "dims", "float?")
+
+
+@dataclass(frozen=True)
+class Attr:
+    kind: str
+    default: Any = REQUIRED
+    doc: str = ""
+
+    def __post_init__(self):
+        assert self.kind in ATTR_KINDS, self.kind
+
+
+def normalize_attr(op: str, name: str, kind: str, value: Any) -> Any:
+    """Check ``value`` against ``kind`` and return its canonical (hashable) form."""
+
+    def bad(what: str):
+        return AttrError(f"{op}: attribute {name}={value!r} should be {what}")
+
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an int")
+        return int(value)
+    if kind in ("float", "float?"):
+        if value is None and kind == "float?":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad("a number")
+        return float(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if kind == "dtype":
+        try:
+            return DType.of(value)
+        except TypeError:
+            raise bad("a dtype (f32, f64, i32, i64, bool)") from None
+    if kind == "ints":
+        if not isinstance(value, list | tuple) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise bad("a list of ints")
+        return tuple(int(v) for v in value)
+    if kind == "dims":
+        if not isinstance(value, list | tuple):
+            raise bad("a list of dimensions")
+        try:
+            return tuple(check_dim(v) for v in value)
+        except (TypeError, ValueError) as e:
+            raise bad(f"a list of dimensions ({e})") from None
+    raise AssertionError(kind)
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """Everything about one op.
+
+    - ``infer(*types, **attrs)`` returns the result TensorType (or a tuple for several results)
+      and raises :class:`~gradfuse.errors.ShapeError` for operands it cannot take.
+    - ``ref(*arrays, **attrs)`` computes the result with numpy.
+    - ``vjp`` emits the backward as IR (filled in by the autodiff work); ``nondiff`` says why an
+      op has no gradient instead.
+    - ``lowering`` maps a backend name to what codegen needs (filled in by the codegen work).
+    """
+
+    name: str
+    kind: str  # elementwise | reduction | shape | structured | random | source
+    infer: Callable[..., Any]
+    ref: Callable[..., Any]
+    arity: int | None  # number of operands; None means one or more
+    attrs: Mapping[str, Attr] = field(default_factory=dict)
+    output_names: tuple[str, ...] = ("out",)
+    doc: str = ""
+    vjp: Callable[..., Any] | None = None
+    nondiff: str | None = None
+    lowering: Mapping[str, Any] = field(default_factory=dict)
+
+    def normalize_attrs(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
+        unknown = set(attrs) - set(self.attrs)
+        if unknown:
+            known = ", ".join(sorted(self.attrs)) or "none"
+            raise AttrError(f"{self.name}: unknown attribute {', '.join(sorted(unknown))} (it takes: {known})")
+        out = {}
+        for name, spec in self.attrs.items():
+            if name in attrs:
+                out[name] = normalize_attr(self.name, name, spec.kind, attrs[name])
+            elif spec.default is REQUIRED:
+                raise AttrError(f"{self.name}: missing required attribute {name}")
+            else:
+                out[name] = spec.default
+        return out
+
+    def check_arity(self, n: int) -> None:
+        from gradfuse.errors import ShapeError
+
+        if self.arity is None and n == 0:
+            raise ShapeError(f"{self.name} needs at least one operand")
+        if self.arity is not None and n != self.arity:
+            raise ShapeError(f"{self.name} takes {self.arity} operand(s), got {n}")
+
+    def infer_types(self, types: list[TensorType], attrs: dict[str, Any]) -> tuple[TensorType, ...]:
+        self.check_arity(len(types))
+        out = self.infer(*types, **attrs)
+        out = out if isinstance(out, tuple) else (out,)
+        assert len(out) == len(self.output_names), f"{self.name}: output_names does not match infer"
+        return out
+
+    def run_ref(self, arrays: list, attrs: dict[str, Any]) -> tuple:
+        out = self.ref(*arrays, **attrs)
+        return out if isinstance(out, tuple) else (out,)
+
+
+_REGISTRY: dict[str, OpDef] = {}
+
+
+def register(opdef: OpDef) -> OpDef:
+    assert opdef.name not in _REGISTRY, f"op {opdef.name} registered twice"
+    _REGISTRY[opdef.name] = opdef
+    return opdef
+
+
+def get_op(name: str) -> OpDef:
+    _load_ops()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise AttrError(f"unknown op '{name}'") from None
+
+
+def all_ops() -> dict[str, OpDef]:
+    _load_ops()
+    return dict(_REGISTRY)
+
+
+def _load_ops() -> None:
+    from . import ops  # noqa: F401  (registers every op on first import)

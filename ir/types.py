@@ -1,0 +1,133 @@
+"""Element types and tensor types of the graph IR.
+
+A shape is a tuple of dimensions; a dimension is either a non-negative int or a symbol
+(an identifier such as ``N``, the batch size) bound when the graph runs.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+Dim = int | str
+Shape = tuple[Dim, ...]
+
+_SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
+
+
+class DType(enum.Enum):
+    f32 = "f32"
+    f64 = "f64"
+    i32 = "i32"
+    i64 = "i64"
+    bool = "bool"
+
+    @property
+    def np(self) -> np.dtype:
+        return np.dtype(_NUMPY[self])
+
+    @property
+    def is_float(self) -> bool:
+        return self in (DType.f32, DType.f64)
+
+    @property
+    def is_int(self) -> bool:
+        return self in (DType.i32, DType.i64)
+
+    @property
+    def itemsize(self) -> int:
+        return self.np.itemsize
+
+    @staticmethod
+    def of(x) -> DType:
+        """The DType of a numpy dtype, a DType or its name (``"f32"``)."""
+        if isinstance(x, DType):
+            return x
+        if isinstance(x, str) and x in DType.__members__:
+            return DType[x]
+        dt = np.dtype(x)
+        for d, name in _NUMPY.items():
+            if np.dtype(name) == dt:
+                return d
+        raise TypeError(f"gradfuse has no dtype for numpy {dt} (supported: f32, f64, i32, i64, bool)")
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+_NUMPY = {DType.f32: "float32", DType.f64: "float64", DType.i32: "int32", DType.i64: "int64",
+          DType.bool: "bool"}
+
+
+def is_symbol(d: Dim) -> bool:
+    return isinstance(d, str)
+
+
+def check_dim(d) -> Dim:
+    if isinstance(d, bool) or not isinstance(d, int | str):
+        raise TypeError(f"a dimension is an int or a symbol name, not {d!r}")
+    if isinstance(d, int) and d < 0:
+        raise ValueError(f"a dimension cannot be negative: {d}")
+    if isinstance(d, str) and not _SYMBOL.match(d):
+        raise ValueError(f"a symbolic dimension must be an identifier, not {d!r}")
+    return d
+
+
+def format_shape(shape: Shape) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+@dataclass(frozen=True)
+class TensorType:
+    dtype: DType
+    shape: Shape
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", DType.of(self.dtype))
+        object.__setattr__(self, "shape", tuple(check_dim(d) for d in self.shape))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def symbols(self) -> set[str]:
+        return {d for d in self.shape if isinstance(d, str)}
+
+    def concrete(self, bindings: dict[str, int]) -> tuple[int, ...]:
+        """The shape with every symbol replaced by its bound size."""
+        return tuple(bindings[d] if isinstance(d, str) else d for d in self.shape)
+
+    def nbytes(self, bindings: dict[str, int]) -> int:
+        return int(np.prod(self.concrete(bindings), dtype=np.int64)) * self.dtype.itemsize
+
+    def with_shape(self, shape) -> TensorType:
+        return TensorType(self.dtype, tuple(shape))
+
+    def with_dtype(self, dtype) -> TensorType:
+        return TensorType(DType.of(dtype), self.shape)
+
+    def __str__(self) -> str:
+        return f"{self.dtype}{format_shape(self.shape)}"
+
+
+_TYPE_RE = re.compile(r"^\s*(f32|f64|i32|i64|bool)\s*\[([^\]]*)\]\s*$")
+
+
+def parse_type(text: str) -> TensorType:
+    """``"f32[N,64]"`` -> TensorType(f32, ("N", 64)); raises ValueError on bad text."""
+    m = _TYPE_RE.match(text)
+    if not m:
+        raise ValueError(f"not a tensor type: {text!r} (expected e.g. 'f32[N,64]' or 'f32[]')")
+    dims = [d.strip() for d in m.group(2).split(",")] if m.group(2).strip() else []
+    return TensorType(DType[m.group(1)], tuple(int(d) if d.isdigit() else d for d in dims))
+
+
+def as_type(x) -> TensorType:
+    return x if isinstance(x, TensorType) else parse_type(x)
