@@ -1,0 +1,1 @@
+"""Kernel IR and the Numba CPU / Numba CUDA backends that print it."""

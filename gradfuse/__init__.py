@@ -1,0 +1,17 @@
+"""gradfuse: a neural-network compiler. Define a model with :mod:`gradfuse.nn`, trace it into
+the graph IR, differentiate, fuse and compile it to Numba kernels."""
+
+from gradfuse import (
+           functional,
+           ir,  # noqa: F401  (the IR package must import before the DSL)
+           nn,
+)
+from gradfuse.errors import GradfuseError, InputError, IRParseError, ShapeError, VerifyError
+from gradfuse.ir.interpreter import interpret
+from gradfuse.ir.types import DType, TensorType
+from gradfuse.model import Model, trace
+
+__version__ = "0.1.0"
+
+__all__ = ["DType", "GradfuseError", "IRParseError", "InputError", "Model", "ShapeError", "TensorType",
+           "VerifyError", "functional", "interpret", "ir", "nn", "trace"]

@@ -1,0 +1,257 @@
+"""The functional layer of the DSL: one function per user-level operation, recorded as IR.
+
+These functions only run while a model is being traced (see :func:`gradfuse.trace`); Python
+numbers mix freely with tensors and become constants of the tensor's dtype.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+from collections.abc import Sequence
+
+from gradfuse.ir.types import DType
+from gradfuse.tensor import Tensor
+from gradfuse.tracing import current
+
+
+def _emit(op: str, *inputs: Tensor, hint: str | None = None, **attrs) -> Tensor:
+    (out,) = current().emit(op, [t.value for t in inputs], attrs, hint=hint)
+    return Tensor(out)
+
+
+def _lift(x, like: Tensor | None = None) -> Tensor:
+    """A Tensor from a Tensor or a Python number (as a constant of ``like``'s dtype)."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, bool | int | float):
+        dtype = like.dtype if like is not None else DType.f32
+        return Tensor(current().const(x, dtype))
+    raise current().error(f"cannot use a {type(x).__name__} in a traced model",
+                          hint="pass data as a model input, or store it as a parameter or buffer")
+
+
+def _pair(a, b) -> tuple[Tensor, Tensor]:
+    like = a if isinstance(a, Tensor) else b if isinstance(b, Tensor) else None
+    return _lift(a, like), _lift(b, like)
+
+
+def _binary(op: str):
+    def fn(a, b) -> Tensor:
+        return _emit(op, *_pair(a, b))
+
+    fn.__name__ = op
+    fn.__doc__ = f"Elementwise ``{op}`` with numpy broadcasting."
+    return fn
+
+
+add, sub, mul, div, pow = (_binary(o) for o in ("add", "sub", "mul", "div", "pow"))
+maximum, minimum = _binary("maximum"), _binary("minimum")
+eq, ne, lt, le, gt, ge = (_binary(o) for o in ("eq", "ne", "lt", "le", "gt", "ge"))
+logical_and, logical_or = _binary("logical_and"), _binary("logical_or")
+
+
+def _unary(op: str):
+    def fn(x: Tensor) -> Tensor:
+        return _emit(op, _lift(x))
+
+    fn.__name__ = op
+    fn.__doc__ = f"Elementwise ``{op}``."
+    return fn
+
+
+neg, abs, exp, log, sqrt, rsqrt = (_unary(o) for o in ("neg", "abs", "exp", "log", "sqrt", "rsqrt"))
+tanh, erf, sigmoid, relu, logical_not = (_unary(o) for o in ("tanh", "erf", "sigmoid", "relu", "logical_not"))
+
+
+def leaky_relu(x: Tensor, alpha: float = 0.01) -> Tensor:
+    return _emit("leaky_relu", x, alpha=alpha)
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """GELU, exact (``approximate="none"``, with erf) or the tanh approximation."""
+    return _emit("gelu", x, approximate=approximate)
+
+
+def where(cond: Tensor, a, b) -> Tensor:
+    a, b = _pair(a, b)
+    return _emit("where", cond, a, b)
+
+
+def cast(x: Tensor, dtype) -> Tensor:
+    return _emit("cast", x, dtype=DType.of(dtype))
+
+
+# ---- reductions --------------------------------------------------------------------------
+def _axes(x: Tensor, axis) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(x.ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -x.ndim <= a < x.ndim:
+            raise current().error(f"axis {a} is out of range for {x.type}")
+        out.append(a % x.ndim)
+    return tuple(sorted(set(out)))
+
+
+def sum(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+    return _emit("sum", x, axes=_axes(x, axis), keepdims=keepdims)
+
+
+def mean(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+    return _emit("mean", x, axes=_axes(x, axis), keepdims=keepdims)
+
+
+def max(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+    return _emit("max", x, axes=_axes(x, axis), keepdims=keepdims)
+
+
+# ---- shapes ------------------------------------------------------------------------------
+def _shape_arg(shape) -> list:
+    return list(shape[0]) if len(shape) == 1 and isinstance(shape[0], list | tuple) else list(shape)
+
+
+def reshape(x: Tensor, *shape) -> Tensor:
+    """Reshape; one entry may be -1 (inferred), and symbols such as ``"N"`` may appear."""
+    shape = _shape_arg(shape)
+    if shape.count(-1) > 1:
+        raise current().error(f"reshape to {shape}: only one dimension can be -1")
+    if -1 in shape:
+        known = [d for d in shape if d != -1]
+        sym_in = [d for d in x.shape if isinstance(d, str)]
+        sym_out = [d for d in known if isinstance(d, str)]
+        rest_in = math.prod(d for d in x.shape if isinstance(d, int))
+        rest_out = math.prod(d for d in known if isinstance(d, int))
+        if sorted(sym_in) != sorted(sym_out) or rest_out == 0 or rest_in % rest_out:
+            raise current().error(f"cannot reshape {x.type} to {shape}")
+        shape[shape.index(-1)] = rest_in // rest_out
+    return _emit("reshape", x, shape=shape)
+
+
+def flatten(x: Tensor, start: int = 1) -> Tensor:
+    """Merge axes ``start..`` into one: f32[N,8,8] -> f32[N,64]."""
+    return reshape(x, *x.shape[:start], -1)
+
+
+def transpose(x: Tensor, *perm) -> Tensor:
+    perm = _shape_arg(perm) or list(reversed(range(x.ndim)))
+    return _emit("transpose", x, perm=[p % x.ndim for p in perm])
+
+
+def broadcast_to(x: Tensor, shape) -> Tensor:
+    return _emit("broadcast_to", x, shape=list(shape))
+
+
+def slice_axis(x: Tensor, axis: int, start: int | None, stop: int | None, step: int | None = None) -> Tensor:
+    axis = _axes(x, axis)[0]
+    size = x.shape[axis]
+    if isinstance(size, str):
+        raise current().error(f"cannot slice the batch axis {size} of {x.type}")
+    if step is not None and step < 1:
+        raise current().error(f"slice step must be positive, got {step}")
+    start, stop, step = builtins.slice(start, stop, step).indices(size)
+    stop = builtins.max(start, stop)
+    return _emit("slice", x, axis=axis, start=start, stop=stop, step=step)
+
+
+def index(x: Tensor, key) -> Tensor:
+    """``x[...]`` with slices and integers (an integer drops its axis)."""
+    key = key if isinstance(key, tuple) else (key,)
+    if builtins.sum(k is Ellipsis for k in key) > 1:
+        raise current().error("an index can hold at most one '...'")
+    if Ellipsis in key:
+        i = key.index(Ellipsis)
+        key = key[:i] + (builtins.slice(None),) * (x.ndim - len(key) + 1) + key[i + 1:]
+    if len(key) > x.ndim:
+        raise current().error(f"too many indices ({len(key)}) for {x.type}")
+    out, dropped = x, []
+    for axis, k in enumerate(key):
+        if isinstance(k, builtins.slice):
+            if k != builtins.slice(None):
+                out = slice_axis(out, axis, k.start, k.stop, k.step)
+        elif isinstance(k, int):
+            size = x.shape[axis]
+            if isinstance(size, str) or not -size <= k < size:
+                raise current().error(f"index {k} is out of range for axis {axis} of {x.type}")
+            out = slice_axis(out, axis, k % size, k % size + 1)
+            dropped.append(axis)
+        else:
+            raise current().error(f"unsupported index {k!r}: use slices and integers")
+    if dropped:
+        out = reshape(out, *[d for i, d in enumerate(out.shape) if i not in dropped])
+    return out
+
+
+def concat(xs: Sequence[Tensor], axis: int = -1) -> Tensor:
+    if not xs:
+        raise current().error("concat needs at least one tensor")
+    return _emit("concat", *xs, axis=_axes(xs[0], axis)[0])
+
+
+# ---- linear algebra ----------------------------------------------------------------------
+def matmul(a: Tensor, b: Tensor, transpose_a: bool = False, transpose_b: bool = False) -> Tensor:
+    return _emit("matmul", a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight + bias`` with weight of shape [in, out]."""
+    y = matmul(x, weight)
+    return y + bias if bias is not None else y
+
+
+# ---- neural-network ops ------------------------------------------------------------------
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return _emit("softmax", x, axis=_axes(x, axis)[0])
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return _emit("log_softmax", x, axis=_axes(x, axis)[0])
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean softmax cross-entropy of ``logits`` against integer class ``labels``."""
+    return _emit("softmax_cross_entropy", logits, labels, hint="loss")
+
+
+def mse_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over every element."""
+    return _emit("mse", pred, target, hint="loss")
+
+
+def layer_norm(x: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5) -> Tensor:
+    return _emit("layer_norm", x, gamma, beta, eps=eps)
+
+
+def embedding(ids: Tensor, table: Tensor) -> Tensor:
+    return _emit("embedding", table, ids)
+
+
+def dropout(x: Tensor, p: float) -> Tensor:
+    """In training, zero each element with probability ``p`` and scale the rest by 1/(1-p);
+    at inference, the identity. Masks come from a counter-based hash (see ir/ops/random.py)."""
+    t = current()
+    if not t.train or p == 0.0:
+        return x
+    if not 0.0 <= p < 1.0:
+        raise t.error(f"dropout probability must be in [0, 1), got {p}")
+    stream = t.dropout_streams
+    t.dropout_streams += 1
+    (out,) = t.emit("dropout", [x.value, t.dropout_step()], {"p": p, "seed": t.seed, "stream": stream})
+    return Tensor(out)
+
+
+def training() -> bool:
+    """Whether the model is being traced for training (dropout on, batch statistics)."""
+    return current().train
+
+
+def check_input(x: Tensor, what: str, last_dim: int | None = None, rank: int | None = None,
+                hint: str | None = None) -> None:
+    """Raise a located ShapeError unless ``x`` has the given rank / last dimension."""
+    if (rank is not None and x.ndim != rank) or (last_dim is not None and (x.ndim == 0 or x.shape[-1] != last_dim)):
+        raise current().error(f"{what} got {x.type}", hint)
+
+
+__all__ = [n for n in dir() if not n.startswith("_") and n not in ("builtins", "math", "Sequence",
+                                                                   "GradfuseError", "annotations")]

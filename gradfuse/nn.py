@@ -1,0 +1,380 @@
+"""Layers in the style people know from PyTorch, traced into IR.
+
+A Module holds structure and initialisers, not numbers: the initial values come from
+:meth:`Module.initial_values` (reproducible from a seed, independent of construction order),
+and the compiled program owns the live weights.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from gradfuse import functional as F
+from gradfuse.ir.graph import ArgKind
+from gradfuse.ir.types import DType
+from gradfuse.tensor import Tensor
+from gradfuse.tracing import current, is_tracing
+
+Init = Callable[[tuple[int, ...], np.random.Generator], np.ndarray]
+
+
+def he_normal(fan_in: int) -> Init:
+    """N(0, 2/fan_in): keeps ReLU activations' variance steady through depth (He et al. 2015)."""
+    return lambda shape, rng: rng.normal(0.0, math.sqrt(2.0 / fan_in), shape)
+
+
+def xavier_uniform(fan_in: int, fan_out: int) -> Init:
+    """U(±sqrt(6/(fan_in+fan_out))): for tanh/sigmoid/linear layers (Glorot & Bengio 2010)."""
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return lambda shape, rng: rng.uniform(-bound, bound, shape)
+
+
+def constant(value: float) -> Init:
+    return lambda shape, rng: np.full(shape, value)
+
+
+def normal(std: float) -> Init:
+    return lambda shape, rng: rng.normal(0.0, std, shape)
+
+
+class Parameter:
+    """A trained tensor: shape, dtype and initialiser. Becomes a ``param`` graph argument."""
+
+    kind = ArgKind.param
+
+    def __init__(self, shape, init: Init | np.ndarray, dtype: DType = DType.f32):
+        self.shape = tuple(shape)
+        self.init = init
+        self.dtype = DType.of(dtype)
+
+    def initial_value(self, rng: np.random.Generator) -> np.ndarray:
+        value = np.asarray(self.init(self.shape, rng) if callable(self.init) else self.init)
+        assert value.shape == self.shape, (value.shape, self.shape)
+        return value.astype(self.dtype.np)
+
+
+class Buffer(Parameter):
+    """A tensor the model carries but does not train (running statistics, encoding tables):
+    a ``state`` graph argument."""
+
+    kind = ArgKind.state
+
+
+class Module:
+    """Base class of layers. Assign Parameters, Buffers and Modules as attributes; write
+    ``forward``. Calling a module inside a trace records its ops under its name."""
+
+    _path = ""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, Parameter | Module):
+            self.__dict__.setdefault("_children", {})[name] = value
+        object.__setattr__(self, name, value)
+
+    def children(self) -> dict[str, Parameter | Module]:
+        return self.__dict__.get("_children", {})
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        yield prefix, self
+        for name, child in self.children().items():
+            if isinstance(child, Module):
+                yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def named_tensors(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        """Every Parameter and Buffer, by dotted path (``fc1.weight``), in definition order."""
+        for name, child in self.children().items():
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, Module):
+                yield from child.named_tensors(path)
+            else:
+                yield path, child
+
+    def initial_values(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """Initial parameter and buffer values; each tensor's random stream depends only on
+        the seed and its path, so adding a layer does not change the others' values."""
+        return {path: p.initial_value(np.random.default_rng([seed, zlib.crc32(path.encode())]))
+                for path, p in self.named_tensors()}
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def forward(self, *args):
+        raise NotImplementedError(f"{type(self).__name__} must define forward()")
+
+    def __call__(self, *args, **kwargs):
+        tracer = current()
+        with tracer.layer(self._path, repr(self)):
+            out = self.forward(*args, **kwargs)
+        if isinstance(out, Tensor) and self._path and tracer.builder.nodes and \
+                out.value is tracer.builder.nodes[-1].outputs[0]:
+            tracer.builder.rename(out.value, self._path)
+        return out
+
+    def tensor(self, name: str) -> Tensor:
+        """The traced value of one of this module's parameters or buffers."""
+        return current().tensors[f"{self._path}.{name}" if self._path else name]
+
+    def __getattribute__(self, name):
+        value = object.__getattribute__(self, name)
+        if isinstance(value, Parameter) and is_tracing():
+            return object.__getattribute__(self, "tensor")(name)
+        return value
+
+
+# ---- layers ------------------------------------------------------------------------------
+class Linear(Module):
+    """``y = x @ weight + bias`` with weight [in, out], He-initialised (``init="xavier"`` for
+    tanh/sigmoid nets); the bias starts at zero."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init: str = "he"):
+        self.in_features, self.out_features = in_features, out_features
+        inits = {"he": he_normal(in_features), "xavier": xavier_uniform(in_features, out_features)}
+        if init not in inits:
+            raise ValueError(f"Linear init must be 'he' or 'xavier', not {init!r}")
+        self.weight = Parameter((in_features, out_features), inits[init])
+        self.use_bias = bias
+        if bias:
+            self.bias = Parameter((out_features,), constant(0.0))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}" + ("" if self.use_bias else ", bias=False")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim < 2 or x.shape[-1] != self.in_features:
+            hint = "flatten first?" if x.ndim > 2 and x.shape[-1] != self.in_features else \
+                f"the previous layer gives {x.shape[-1] if x.ndim else 'a scalar'} features"
+            raise current().error(f"{self!r} got {x.type}, expected last dimension {self.in_features}", hint)
+        return F.linear(x, self.weight, self.bias if self.use_bias else None)
+
+
+class _Activation(Module):
+    fn: Callable[[Tensor], Tensor]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return type(self).fn(x)
+
+
+class ReLU(_Activation):
+    fn = staticmethod(F.relu)
+
+
+class Sigmoid(_Activation):
+    fn = staticmethod(F.sigmoid)
+
+
+class Tanh(_Activation):
+    fn = staticmethod(F.tanh)
+
+
+class LeakyReLU(Module):
+    def __init__(self, alpha: float = 0.01):
+        self.alpha = alpha
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}"
+
+    def forward(self, x):
+        return F.leaky_relu(x, self.alpha)
+
+
+class GELU(Module):
+    def __init__(self, approximate: str = "none"):
+        self.approximate = approximate
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}" if self.approximate != "none" else ""
+
+    def forward(self, x):
+        return F.gelu(x, self.approximate)
+
+
+class Softmax(Module):
+    def __init__(self, axis: int = -1):
+        self.axis = axis
+
+    def forward(self, x):
+        return F.softmax(x, self.axis)
+
+
+class Flatten(Module):
+    def __init__(self, start: int = 1):
+        self.start = start
+
+    def forward(self, x):
+        return F.flatten(x, self.start)
+
+
+class Sequential(Module):
+    """Apply layers in order; they are named ``0``, ``1``, ... like PyTorch's."""
+
+    def __init__(self, *layers: Module):
+        self.layers = list(layers)
+        for i, layer in enumerate(layers):
+            setattr(self, str(i), layer)
+
+    def extra_repr(self) -> str:
+        return ", ".join(type(m).__name__ for m in self.layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class Residual(Module):
+    """``x + block(x)``: the skip connection of residual networks."""
+
+    def __init__(self, block: Module):
+        self.block = block
+
+    def extra_repr(self) -> str:
+        return repr(self.block)
+
+    def forward(self, x):
+        y = self.block(x)
+        if y.shape != x.shape:
+            raise current().error(f"Residual block maps {x.type} to {y.type}; a skip connection needs "
+                                  "the same shape", "make the block's last layer output the input width")
+        return x + y
+
+
+class LayerNorm(Module):
+    def __init__(self, features: int, eps: float = 1e-5):
+        self.features, self.eps = features, eps
+        self.weight = Parameter((features,), constant(1.0))
+        self.bias = Parameter((features,), constant(0.0))
+
+    def extra_repr(self) -> str:
+        return str(self.features)
+
+    def forward(self, x):
+        F.check_input(x, repr(self), last_dim=self.features)
+        return F.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class BatchNorm(Module):
+    """Normalise each feature (last axis) over the batch in training, with running statistics
+    at inference; the running statistics are state updated by the training graph."""
+
+    def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5):
+        self.features, self.momentum, self.eps = features, momentum, eps
+        self.weight = Parameter((features,), constant(1.0))
+        self.bias = Parameter((features,), constant(0.0))
+        self.running_mean = Buffer((features,), constant(0.0))
+        self.running_var = Buffer((features,), constant(1.0))
+
+    def extra_repr(self) -> str:
+        return str(self.features)
+
+    def forward(self, x):
+        F.check_input(x, repr(self), last_dim=self.features)
+        t = current()
+        args = [x.value, self.weight.value, self.bias.value, self.running_mean.value, self.running_var.value]
+        if not t.train:
+            (y,) = t.emit("batch_norm_infer", args, {"eps": self.eps})
+            return Tensor(y)
+        y, mean, var = t.emit("batch_norm_train", args, {"momentum": self.momentum, "eps": self.eps})
+        t.updates += [(self.running_mean.value, mean), (self.running_var.value, var)]
+        return Tensor(y)
+
+
+class Dropout(Module):
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+    def forward(self, x):
+        return F.dropout(x, self.p)
+
+
+class Embedding(Module):
+    def __init__(self, num_embeddings: int, dim: int):
+        self.num_embeddings, self.dim = num_embeddings, dim
+        self.weight = Parameter((num_embeddings, dim), normal(1.0))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.dim}"
+
+    def forward(self, ids):
+        if ids.dtype not in (DType.i32, DType.i64):
+            raise current().error(f"{self!r} takes integer ids, got {ids.type}", "cast the ids to i64")
+        return F.embedding(ids, self.weight)
+
+
+def sinusoidal_table(max_len: int, dim: int) -> np.ndarray:
+    """The fixed encodings of "Attention Is All You Need": sin/cos at geometric frequencies."""
+    pos = np.arange(max_len)[:, None]
+    freq = np.exp(-math.log(10000.0) * (np.arange(0, dim, 2) / dim))
+    table = np.zeros((max_len, dim))
+    table[:, 0::2] = np.sin(pos * freq)
+    table[:, 1::2] = np.cos(pos * freq)[:, : dim // 2]
+    return table
+
+
+class _PositionalEncoding(Module):
+    def __init__(self, max_len: int, dim: int):
+        self.max_len, self.dim = max_len, dim
+
+    def extra_repr(self) -> str:
+        return f"max_len={self.max_len}, dim={self.dim}"
+
+    def forward(self, x):
+        if x.ndim != 3 or x.shape[-1] != self.dim or not isinstance(x.shape[1], int) or x.shape[1] > self.max_len:
+            raise current().error(f"{self!r} got {x.type}, expected f32[N,T,{self.dim}] with T <= {self.max_len}")
+        return x + self.table[: x.shape[1]]
+
+
+class SinusoidalPositionalEncoding(_PositionalEncoding):
+    """Adds fixed sin/cos position encodings (a non-trained buffer) to x[N,T,D]."""
+
+    def __init__(self, max_len: int, dim: int):
+        super().__init__(max_len, dim)
+        self.table = Buffer((max_len, dim), sinusoidal_table(max_len, dim))
+
+
+class LearnedPositionalEncoding(_PositionalEncoding):
+    """Adds a trained position embedding table to x[N,T,D]."""
+
+    def __init__(self, max_len: int, dim: int):
+        super().__init__(max_len, dim)
+        self.table = Parameter((max_len, dim), normal(0.02))
+
+
+class MultiHeadSelfAttention(Module):
+    """softmax(Q Kᵀ / sqrt(d)) V over ``heads`` heads, for x of shape [N, T, dim]."""
+
+    def __init__(self, dim: int, heads: int):
+        if dim % heads:
+            raise ValueError(f"MultiHeadSelfAttention: dim {dim} is not divisible by heads {heads}")
+        self.dim, self.heads = dim, heads
+        self.q = Linear(dim, dim, init="xavier")
+        self.k = Linear(dim, dim, init="xavier")
+        self.v = Linear(dim, dim, init="xavier")
+        self.out = Linear(dim, dim, init="xavier")
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, heads={self.heads}"
+
+    def forward(self, x):
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise current().error(f"{self!r} got {x.type}, expected [N, T, {self.dim}]",
+                                  "attention takes a batch of sequences of vectors")
+        n, t, _ = x.shape
+        head_dim = self.dim // self.heads
+
+        def split(y):  # [N, T, dim] -> [N, heads, T, head_dim]
+            return y.reshape(n, t, self.heads, head_dim).transpose(0, 2, 1, 3)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        scores = F.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(head_dim))
+        mixed = F.matmul(F.softmax(scores, axis=-1), v)
+        return self.out(mixed.transpose(0, 2, 1, 3).reshape(n, t, self.dim))

@@ -1,0 +1,1 @@
+"""Graph-to-graph passes (autodiff, optimizer steps, simplification, fusion, memory planning)."""

@@ -1,0 +1,1 @@
+"""The runtime: compiled programs, buffers and the launch schedule, AOT artifacts."""
