@@ -16,7 +16,7 @@ from gradfuse.tracing import current
 
 
 def _emit(op: str, *inputs: Tensor, hint: str | None = None, **attrs) -> Tensor:
-    (out,) = current().emit(op, [t.value for t in inputs], attrs, hint=hint)
+    (out,) = current().emit(op, [_lift(t).value for t in inputs], attrs, hint=hint)
     return Tensor(out)
 
 
@@ -26,6 +26,9 @@ def _lift(x, like: Tensor | None = None) -> Tensor:
         return x
     if isinstance(x, bool | int | float):
         dtype = like.dtype if like is not None else DType.f32
+        if not dtype.is_float and float(x) != int(x):
+            raise current().error(f"the number {x} would be truncated to fit {like.type}",
+                                  hint="cast the tensor first: x.astype('f32')")
         return Tensor(current().const(x, dtype))
     raise current().error(f"cannot use a {type(x).__name__} in a traced model",
                           hint="pass data as a model input, or store it as a parameter or buffer")
@@ -92,7 +95,9 @@ def _axes(x: Tensor, axis) -> tuple[int, ...]:
         if not -x.ndim <= a < x.ndim:
             raise current().error(f"axis {a} is out of range for {x.type}")
         out.append(a % x.ndim)
-    return tuple(sorted(set(out)))
+    if len(set(out)) != len(out):
+        raise current().error(f"axis {axis} repeats an axis of {x.type}")
+    return tuple(sorted(out))
 
 
 def sum(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
@@ -172,7 +177,10 @@ def index(x: Tensor, key) -> Tensor:
                 out = slice_axis(out, axis, k.start, k.stop, k.step)
         elif isinstance(k, int):
             size = x.shape[axis]
-            if isinstance(size, str) or not -size <= k < size:
+            if isinstance(size, str):
+                raise current().error(f"cannot index the batch axis {size} of {x.type}",
+                                      hint="a compiled model works on whole batches; index feature axes")
+            if not -size <= k < size:
                 raise current().error(f"index {k} is out of range for axis {axis} of {x.type}")
             out = slice_axis(out, axis, k % size, k % size + 1)
             dropped.append(axis)

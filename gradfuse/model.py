@@ -3,6 +3,7 @@ for training, the targets, the loss and the data. ``trace`` turns it into a grap
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -13,7 +14,12 @@ from gradfuse.ir.graph import ArgKind, Graph
 from gradfuse.ir.types import TensorType, as_type
 from gradfuse.nn import Module
 from gradfuse.tensor import Tensor
-from gradfuse.tracing import Tracer, tracing
+from gradfuse.tracing import Tracer, tracing, user_frame
+
+
+def snake_case(name: str) -> str:
+    """``DigitsMLP`` -> ``digits_mlp``, for graph names."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 
 def _signature(spec: Mapping[str, str | TensorType], what: str) -> dict[str, TensorType]:
@@ -48,7 +54,8 @@ class Model:
             raise GradfuseError(f"Model(net=...) must be a gradfuse.nn.Module, got {type(self.net).__name__}")
         self.inputs = _signature(self.inputs, "input")
         self.targets = _signature(self.targets, "target")
-        self.name = self.name or type(self.net).__name__.lower()
+        self.name = self.name or snake_case(type(self.net).__name__)
+        self.defined_at = user_frame()  # where the loss is attributed in the IR
 
     def initial_values(self) -> dict[str, np.ndarray]:
         return self.net.initial_values(self.seed)
@@ -61,12 +68,13 @@ class Model:
         if with_loss and self.loss is None:
             raise GradfuseError(f"model {self.name} has no loss: pass loss=... to gradfuse.Model")
         return trace(self.net, self.inputs, name=self.name, train=train, seed=self.seed,
-                     targets=self.targets if with_loss else None, loss=self.loss if with_loss else None)
+                     targets=self.targets if with_loss else None, loss=self.loss if with_loss else None,
+                     loss_loc=self.defined_at)
 
 
 def trace(net: Module, inputs: Mapping[str, str | TensorType], *, name: str = "model", train: bool = False,
           seed: int = 0, targets: Mapping[str, str | TensorType] | None = None,
-          loss: Callable[..., Tensor] | None = None) -> Graph:
+          loss: Callable[..., Tensor] | None = None, loss_loc: tuple[str, int] | None = None) -> Graph:
     """Run ``net`` on symbolic tensors and return the recorded graph (verified)."""
     tracer = Tracer(name, train=train, seed=seed)
     for path, module in net.named_modules():
@@ -82,7 +90,9 @@ def trace(net: Module, inputs: Mapping[str, str | TensorType], *, name: str = "m
             raise GradfuseError(f"{type(net).__name__}.forward must return one tensor, got {type(out).__name__}")
         outputs = [out.value]
         if loss is not None:
-            value = loss(out, *target_args)
+            tracer.loc_override = loss_loc
+            with tracer.layer("loss", getattr(loss, "__name__", "loss")):
+                value = loss(out, *target_args)
             if not isinstance(value, Tensor) or value.ndim != 0:
                 got = value.type if isinstance(value, Tensor) else type(value).__name__
                 raise ShapeError(f"the loss must be a scalar tensor, got {got}").located(tracer.where())

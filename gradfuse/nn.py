@@ -78,20 +78,24 @@ class Module:
     def children(self) -> dict[str, Parameter | Module]:
         return self.__dict__.get("_children", {})
 
-    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+    def named_modules(self, prefix: str = "", _seen=None) -> Iterator[tuple[str, Module]]:
+        """This module and its descendants by dotted path; a module reachable twice (shared
+        weights) is listed once, under its first path."""
+        seen = _seen if _seen is not None else set()
+        if id(self) in seen:
+            return
+        seen.add(id(self))
         yield prefix, self
         for name, child in self.children().items():
             if isinstance(child, Module):
-                yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+                yield from child.named_modules(f"{prefix}.{name}" if prefix else name, seen)
 
-    def named_tensors(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+    def named_tensors(self) -> Iterator[tuple[str, Parameter]]:
         """Every Parameter and Buffer, by dotted path (``fc1.weight``), in definition order."""
-        for name, child in self.children().items():
-            path = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, Module):
-                yield from child.named_tensors(path)
-            else:
-                yield path, child
+        for path, module in self.named_modules():
+            for name, child in module.children().items():
+                if isinstance(child, Parameter):
+                    yield (f"{path}.{name}" if path else name), child
 
     def initial_values(self, seed: int = 0) -> dict[str, np.ndarray]:
         """Initial parameter and buffer values; each tensor's random stream depends only on
@@ -112,9 +116,10 @@ class Module:
         tracer = current()
         with tracer.layer(self._path, repr(self)):
             out = self.forward(*args, **kwargs)
-        if isinstance(out, Tensor) and self._path and tracer.builder.nodes and \
-                out.value is tracer.builder.nodes[-1].outputs[0]:
-            tracer.builder.rename(out.value, self._path)
+        last = tracer.builder.nodes[-1] if tracer.builder.nodes else None
+        if isinstance(out, Tensor) and self._path and last is not None and out.value is last.outputs[0] \
+                and last.scope == self._path:  # made by this layer itself, not by a sublayer already named
+            tracer.builder.rename(out.value, self._path, fresh=True)  # %fc1, or %fc1.1 when called again
         return out
 
     def tensor(self, name: str) -> Tensor:
@@ -287,6 +292,8 @@ class BatchNorm(Module):
 
 class Dropout(Module):
     def __init__(self, p: float = 0.5):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout(p={p}): p is the probability of zeroing an element, in [0, 1)")
         self.p = p
 
     def extra_repr(self) -> str:

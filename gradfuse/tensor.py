@@ -40,6 +40,7 @@ class Tensor:
                         "data-dependent choices")
 
     __hash__ = object.__hash__
+    __array_ufunc__ = None  # numpy defers to us: `array * x` raises instead of looping over elements
 
     # arithmetic
     def __add__(self, o): return F.add(self, o)
@@ -84,7 +85,9 @@ class Tensor:
 
     @property
     def T(self):
-        """Swap the last two axes."""
+        """Swap the last two axes (the identity below rank 2, as numpy)."""
+        if self.ndim < 2:
+            return self
         perm = list(range(self.ndim))
         perm[-2:] = perm[-1], perm[-2]
         return F.transpose(self, *perm)

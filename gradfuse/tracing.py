@@ -28,9 +28,9 @@ def user_frame():
     """The innermost stack frame outside gradfuse itself: the line of the user's model code."""
     f = sys._getframe(1)
     while f is not None:
-        path = os.path.abspath(f.f_code.co_filename)
-        if not path.startswith(_OWN_DIRS):
-            return path, f.f_lineno
+        name = f.f_code.co_filename
+        if not name.startswith("<") and not os.path.abspath(name).startswith(_OWN_DIRS):
+            return os.path.abspath(name), f.f_lineno
         f = f.f_back
     return None
 
@@ -47,10 +47,10 @@ class Tracer:
         self.train = train
         self.seed = seed
         self.scopes: list[Scope] = [Scope("", "")]
-        self._consts: dict[tuple, Value] = {}
         self.dropout_streams = 0
         self.rng_step: Value | None = None
         self.updates: list[tuple[Value, Value]] = []
+        self.loc_override: tuple[str, int] | None = None  # (path, line) for code not in the user's frames
         self.tensors: dict = {}  # parameter/buffer path -> Tensor, filled by gradfuse.trace
 
     # -- scopes ------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ class Tracer:
 
     def where(self) -> str:
         """``file:line: in layer fc1 = Linear(64, 32)`` for error messages."""
-        frame = user_frame()
+        frame = self.loc_override or user_frame()
         text = f"{frame[0]}:{frame[1]}" if frame else "<model>"
         if self.scope.path:
             text += f": in layer {self.scope.path} = {self.scope.layer}"
@@ -79,7 +79,7 @@ class Tracer:
 
     # -- recording ---------------------------------------------------------------------------
     def emit(self, op: str, inputs, attrs=None, hint: str | None = None) -> tuple[Value, ...]:
-        frame = user_frame()
+        frame = self.loc_override or user_frame()
         loc = SourceLoc(os.path.basename(frame[0]), frame[1]) if frame else None
         try:
             return self.builder.emit(op, inputs, attrs, hint=hint, loc=loc, scope=self.scope.path)
@@ -91,13 +91,7 @@ class Tracer:
             raise type(e)(f"{self.where()}: {e}") from None
 
     def const(self, value: float, dtype: DType) -> Value:
-        """A scalar constant, shared by every use in the graph."""
-        key = (float(value), dtype)
-        if key not in self._consts:
-            (v,) = self.builder.emit("const", [], {"value": float(value), "dtype": dtype, "shape": ()},
-                                     hint="c" + _const_suffix(value))
-            self._consts[key] = v
-        return self._consts[key]
+        return self.builder.scalar(value, dtype)
 
     def argument(self, name: str, type: TensorType, kind: ArgKind) -> Value:
         return self.builder.arg(name, type, kind, exact=True)
@@ -109,11 +103,6 @@ class Tracer:
             (nxt,) = self.builder.emit("add", [self.rng_step, self.const(1, DType.i64)], hint="rng.step.next")
             self.updates.append((self.rng_step, nxt))
         return self.rng_step
-
-
-def _const_suffix(value: float) -> str:
-    text = repr(float(value)).replace("-", "m").replace(".", "_").replace("+", "")
-    return text if text.replace("_", "").isalnum() else ""
 
 
 def is_tracing() -> bool:

@@ -67,7 +67,8 @@ class Node:
 @dataclass(eq=False)
 class Graph:
     """A function: arguments (inputs, params, state), nodes in execution order, outputs, and
-    ``updates``: new values for state arguments (BatchNorm running stats, optimizer moments)."""
+    ``updates``: new values for param and state arguments (a training step's new weights,
+    BatchNorm running statistics, optimizer moments), applied after the outputs are computed."""
 
     name: str
     args: list[tuple[ArgKind, Value]]
@@ -129,6 +130,33 @@ class GraphBuilder:
         self.args: list[tuple[ArgKind, Value]] = []
         self.nodes: list[Node] = []
         self._names: set[str] = set()
+        self._scalars: dict[tuple, Value] = {}
+
+    @classmethod
+    def extend(cls, g: Graph, name: str | None = None) -> GraphBuilder:
+        """A builder that starts with ``g``'s arguments and nodes (sharing their values)."""
+        b = cls(name or g.name)
+        for kind, v in g.args:
+            b.args.append((kind, v))
+            b._claim(v.name)
+        for n in g.nodes:
+            b.nodes.append(n)
+            for v in n.outputs:
+                b._claim(v.name)
+            if n.op == "const" and n.attrs["shape"] == ():
+                b._scalars.setdefault((n.attrs["value"], n.attrs["dtype"]), n.outputs[0])
+        return b
+
+    def scalar(self, value: float, dtype) -> Value:
+        """A scalar constant, emitted once per graph and shared by every use (``%c0``, ``%c0.5``)."""
+        key = (float(value), dtype)
+        if key not in self._scalars:
+            text = str(int(value)) if float(value).is_integer() else repr(float(value))
+            text = text.replace("-", "neg").replace("+", "")
+            hint = f"c{text}" if NAME_RE.match(f"c{text}") else "c"
+            (self._scalars[key],) = self.emit("const", [], {"value": float(value), "dtype": dtype, "shape": ()},
+                                              hint=hint)
+        return self._scalars[key]
 
     def fresh_name(self, hint: str) -> str:
         """``hint`` if unused, else ``hint.1``, ``hint.2``, ..."""
@@ -150,12 +178,13 @@ class GraphBuilder:
         self.args.append((kind, v))
         return v
 
-    def rename(self, value: Value, hint: str) -> None:
-        """Give ``value`` a better name (e.g. the layer that produced it), if it is free."""
-        if value.name == hint or hint in self._names:
+    def rename(self, value: Value, hint: str, fresh: bool = False) -> None:
+        """Give ``value`` a better name (e.g. the layer that produced it): ``hint`` if it is
+        free, else (with ``fresh``) ``hint.1``, ``hint.2``, ..., else keep the old name."""
+        if value.name == hint or (hint in self._names and not fresh):
             return
         self._names.discard(value.name)
-        value.name = self._claim(hint)
+        value.name = self._claim(self.fresh_name(hint))
 
     def emit(self, op: str, inputs: Sequence[Value], attrs: dict[str, Any] | None = None, *,
              names: Sequence[str] | None = None, hint: str | None = None, loc: SourceLoc | None = None,
@@ -182,10 +211,10 @@ class GraphBuilder:
             assert len(names) == len(inferred)
             out_names = [self._claim(n) for n in names]
         else:
-            base = hint or (f"{scope}.{op}" if scope else op)
-            out_names = []
-            for i in range(len(inferred)):
-                out_names.append(self._claim(self.fresh_name(base if i == 0 else f"{base}.{opdef.output_names[i]}")))
+            # secondary results are named after the layer: %bn.running_mean.1 is the new running mean
+            hints = [hint or (f"{scope}.{op}" if scope else op)]
+            hints += [f"{scope or op}.{name}" for name in opdef.output_names[1:]]
+            out_names = [self._claim(self.fresh_name(h)) for h in hints]
         outs = tuple(Value(n, t) for n, t in zip(out_names, inferred, strict=True))
         self.nodes.append(Node(op, tuple(inputs), outs, attrs, loc, scope, note))
         return outs

@@ -6,13 +6,13 @@ func @mlp(
     param %fc1.weight: f32[64,128],
 ) {
   %fc1.matmul: f32[N,128] = matmul %x, %fc1.weight {transpose_a=false, transpose_b=false}  # @fc1
-  %h: f32[N,128] = relu %fc1.matmul                                     # mlp.py:15
+  %h: f32[N,128] = relu %fc1.matmul                                    # mlp.py:15
   return %h
 }
 ```
 
 Attributes print in the order of the op's ``attrs`` table; a node's note, source location and
-scope go in a trailing comment (``# note · file:line @scope``) aligned at column 73.
+scope go in a trailing comment (``# note · file:line @scope``) aligned at column 72.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 from .graph import Graph, Node, SourceLoc, Value
 from .registry import get_op
 
-COMMENT_COLUMN = 72
+COMMENT_COLUMN = 72  # 1-based column of the "#" of a node's comment
 NOTE_SEP = " · "
 
 
@@ -87,7 +87,7 @@ def print_node(node: Node) -> str:
     comment = format_comment(node)
     if not comment:
         return code
-    return code + " " * max(2, COMMENT_COLUMN - len(code)) + "# " + comment
+    return code + " " * max(2, COMMENT_COLUMN - 1 - len(code)) + "# " + comment
 
 
 def print_graph(graph: Graph) -> str:

@@ -88,7 +88,7 @@ class OpDef:
     """
 
     name: str
-    kind: str  # elementwise | reduction | shape | structured | random | source
+    kind: str  # elementwise | reduction | shape | structured | source
     infer: Callable[..., Any]
     ref: Callable[..., Any]
     arity: int | None  # number of operands; None means one or more

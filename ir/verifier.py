@@ -51,11 +51,11 @@ def verify(g: Graph) -> Graph:
     for v in g.outputs:
         if v not in defined:
             raise VerifyError(f"@{g.name}: output %{v.name} is not defined")
-    state = set(g.state)
+    updatable = set(g.state) | set(g.params)
     seen = set()
     for old, new in g.updates:
-        if old not in state:
-            raise VerifyError(f"@{g.name}: update of %{old.name}, which is not a state argument")
+        if old not in updatable:
+            raise VerifyError(f"@{g.name}: update of %{old.name}, which is not a param or state argument")
         if old in seen:
             raise VerifyError(f"@{g.name}: state %{old.name} is updated twice")
         seen.add(old)

@@ -34,8 +34,9 @@ def same_dtype(op: str, *types: TensorType, allowed=NUMERIC) -> DType:
                          hint="cast one of them with .astype(...)")
     (dt,) = dtypes
     if dt not in allowed:
-        raise ShapeError(f"{op}: dtype {dt} is not supported (expected one of "
-                         f"{', '.join(map(str, allowed))})")
+        shown = ", ".join(str(t) for t in types)
+        raise ShapeError(f"{op}: operand{'s' if len(types) > 1 else ''} {shown} of dtype {dt} not supported "
+                         f"(expected {' or '.join(map(str, allowed))})")
     return dt
 
 
@@ -45,9 +46,11 @@ def require_dtype(op: str, what: str, t: TensorType, allowed) -> None:
 
 
 def require_rank(op: str, what: str, t: TensorType, rank: int | tuple[int, ...], hint: str | None = None):
-    ranks = (rank,) if isinstance(rank, int) else rank
+    ranks = (rank,) if isinstance(rank, int) else tuple(rank)
     if t.rank not in ranks:
-        raise ShapeError(f"{op}: {what} must have rank {' or '.join(map(str, ranks))}, got {t}", hint)
+        want = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]} to {ranks[-1]}" if \
+            ranks == tuple(range(ranks[0], ranks[-1] + 1)) else " or ".join(map(str, ranks))
+        raise ShapeError(f"{op}: {what} must have rank {want}, got {t}", hint)
 
 
 def check_axes(op: str, t: TensorType, axes: tuple[int, ...]) -> None:

@@ -32,37 +32,84 @@ def log_softmax_ref(x, axis: int):
     return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
 
 
+def _softmax_vjp(ctx, g):
+    (y,) = ctx.outputs
+    axis = ctx.attrs["axis"]
+    gy = ctx.emit("mul", g, y, rule="g * y")
+    dot = ctx.emit("sum", gy, rule="Σ g * y along the row", axes=[axis], keepdims=True)
+    return [ctx.emit("mul", y, ctx.emit("sub", g, dot, rule="g - Σ g y"), rule="y * (g - Σ g y)")]
+
+
+def _log_softmax_vjp(ctx, g):
+    (y,) = ctx.outputs
+    axis = ctx.attrs["axis"]
+    total = ctx.emit("sum", g, rule="Σ g along the row", axes=[axis], keepdims=True)
+    p = ctx.emit("exp", y, rule="softmax(x) = exp(log_softmax(x))")
+    return [ctx.emit("sub", g, ctx.emit("mul", p, total, rule="softmax(x) Σ g"), rule="g - softmax(x) Σ g")]
+
+
 register(OpDef("softmax", "structured", _softmax_infer("softmax"),
                lambda x, *, axis: np.exp(log_softmax_ref(x, axis)).astype(x.dtype), arity=1,
-               attrs={"axis": Attr("int")}, doc="exp(x) / sum(exp(x)) along axis"))
+               attrs={"axis": Attr("int")}, doc="exp(x) / sum(exp(x)) along axis", vjp=_softmax_vjp))
 register(OpDef("log_softmax", "structured", _softmax_infer("log_softmax"),
                lambda x, *, axis: log_softmax_ref(x, axis).astype(x.dtype), arity=1,
-               attrs={"axis": Attr("int")}, doc="x - logsumexp(x) along axis"))
+               attrs={"axis": Attr("int")}, doc="x - logsumexp(x) along axis", vjp=_log_softmax_vjp))
 
 
 # ---- losses (mean over every example) ----------------------------------------------------
 def _xent_infer(logits: TensorType, labels: TensorType) -> TensorType:
+    require_rank("softmax_cross_entropy", "logits", logits, tuple(range(1, 9)), hint="logits need a class axis")
     same_dtype("softmax_cross_entropy", logits, allowed=FLOATS)
     require_dtype("softmax_cross_entropy", "labels", labels, INTS)
-    if logits.rank < 1 or labels.shape != logits.shape[:-1]:
+    if labels.shape != logits.shape[:-1]:
         raise ShapeError(f"softmax_cross_entropy: labels {labels} do not match logits {logits} "
                          f"(expected labels of shape [{','.join(map(str, logits.shape[:-1]))}])",
                          hint="labels are class indices, one per row of logits, not one-hot vectors")
     return TensorType(logits.dtype, ())
 
 
+def check_indices(op: str, what: str, ids, size: int) -> None:
+    """Integer inputs index a table: refuse out-of-range ones instead of wrapping or crashing."""
+    if ids.size and (ids.min() < 0 or ids.max() >= size):
+        raise InputError(f"{op}: {what} must lie in [0, {size}), got min {ids.min()}, max {ids.max()}")
+
+
 def xent_ref(logits, labels):
-    classes = logits.shape[-1]
-    if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        raise InputError(f"softmax_cross_entropy: a label is outside [0, {classes}): "
-                         f"min {labels.min()}, max {labels.max()}")
+    check_indices("softmax_cross_entropy", "labels", labels, logits.shape[-1])
     logp = log_softmax_ref(logits, -1)
     picked = np.take_along_axis(logp, labels[..., None].astype(np.int64), axis=-1)
     return np.asarray(-picked.mean(), dtype=logits.dtype)
 
 
+_BACKWARD_OP = "a backward op: gradients of gradients are not supported"
+
+
+def _scalar_cotangent(op: str, g: TensorType, like: TensorType) -> None:
+    if g.shape != () or g.dtype != like.dtype:
+        raise ShapeError(f"{op}: the incoming gradient must be a {like.dtype}[] scalar, got {g}")
+
+
+def _xent_grad_infer(logits, labels, g):
+    _xent_infer(logits, labels)
+    _scalar_cotangent("softmax_cross_entropy_grad", g, logits)
+    return logits
+
+
+def xent_grad_ref(logits, labels, g):
+    check_indices("softmax_cross_entropy_grad", "labels", labels, logits.shape[-1])
+    p = np.exp(log_softmax_ref(logits, -1))
+    np.put_along_axis(p, labels[..., None].astype(np.int64), np.take_along_axis(
+        p, labels[..., None].astype(np.int64), axis=-1) - 1, axis=-1)
+    return (p * (g / max(labels.size, 1))).astype(logits.dtype)
+
+
 register(OpDef("softmax_cross_entropy", "structured", _xent_infer, xent_ref, arity=2,
-               doc="mean over rows of -log softmax(logits)[label]; labels are integer classes"))
+               doc="mean over rows of -log softmax(logits)[label]; labels are integer classes",
+               vjp=lambda ctx, g: [ctx.emit("softmax_cross_entropy_grad", *ctx.inputs, g,
+                                            rule="(softmax(z) - onehot(y)) / n"), None]))
+register(OpDef("softmax_cross_entropy_grad", "structured", _xent_grad_infer, xent_grad_ref, arity=3,
+               doc="g * (softmax(logits) - onehot(labels)) / rows: the closed-form backward of "
+                   "softmax_cross_entropy", nondiff=_BACKWARD_OP))
 
 
 def _mse_infer(pred: TensorType, target: TensorType) -> TensorType:
@@ -72,9 +119,24 @@ def _mse_infer(pred: TensorType, target: TensorType) -> TensorType:
     return TensorType(dt, ())
 
 
+def _mse_vjp(ctx, g):
+    dp = ctx.emit("mse_grad", *ctx.inputs, g, rule="2 (p - y) / n", wrt="pred")
+    return [dp if ctx.wants(0) else None, ctx.emit("neg", dp, rule="-2 (p - y) / n", wrt="target")
+            if ctx.wants(1) else None]
+
+
+def _mse_grad_infer(p, t, g):
+    _mse_infer(p, t)
+    _scalar_cotangent("mse_grad", g, p)
+    return p
+
+
 register(OpDef("mse", "structured", _mse_infer,
                lambda p, t: np.asarray(np.mean((p - t) ** 2), dtype=p.dtype), arity=2,
-               doc="mean over every element of (pred - target)^2"))
+               doc="mean over every element of (pred - target)^2", vjp=_mse_vjp))
+register(OpDef("mse_grad", "structured", _mse_grad_infer,
+               lambda p, t, g: (2.0 * (p - t) * (g / max(p.size, 1))).astype(p.dtype), arity=3,
+               doc="g * 2 (pred - target) / n: the closed-form backward of mse", nondiff=_BACKWARD_OP))
 
 
 # ---- normalisation -----------------------------------------------------------------------
@@ -87,7 +149,8 @@ def _affine_params(op: str, x: TensorType, *params: TensorType) -> None:
 
 
 def _layer_norm_infer(x: TensorType, gamma: TensorType, beta: TensorType, *, eps: float) -> TensorType:
-    require_rank("layer_norm", "input", x, tuple(range(1, 9)))
+    if x.rank < 1:
+        raise ShapeError(f"layer_norm: input must have rank 1 or more (a feature axis), got {x}")
     _affine_params("layer_norm", x, gamma, beta)
     return x
 
@@ -98,9 +161,49 @@ def layer_norm_ref(x, gamma, beta, *, eps):
     return ((x - mean) / np.sqrt(var + eps) * gamma + beta).astype(x.dtype)
 
 
+def norm_grad_ref(x, gamma, g, eps: float, axes: tuple[int, ...]):
+    """Backward of (x - mean) / sqrt(var + eps) * gamma + beta, with statistics over ``axes``:
+    dx = (dx̂ - mean(dx̂) - x̂ mean(dx̂ x̂)) / σ, where dx̂ = g γ."""
+    mean = x.mean(axis=axes, keepdims=True)
+    inv = 1.0 / np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True) + eps)
+    xhat = (x - mean) * inv
+    dxhat = g * gamma
+    dx = inv * (dxhat - dxhat.mean(axis=axes, keepdims=True) - xhat * (dxhat * xhat).mean(axis=axes, keepdims=True))
+    leading = tuple(range(x.ndim - 1))
+    return dx.astype(x.dtype), (g * xhat).sum(axis=leading).astype(x.dtype), g.sum(axis=leading).astype(x.dtype)
+
+
+def _norm_grad_infer(op):
+    def infer(x, gamma, g, *, eps):
+        require_rank(op, "input", x, tuple(range(2 if op.startswith("batch") else 1, 9)))
+        _affine_params(op, x, gamma)
+        same_dtype(op, x, g, allowed=FLOATS)
+        if g.shape != x.shape:
+            raise ShapeError(f"{op}: gradient {g} does not match input {x}")
+        return x, gamma, gamma
+
+    return infer
+
+
+def _norm_vjp(grad_op: str, rule: str):
+    def vjp(ctx, g, *_stats):
+        x, gamma = ctx.inputs[:2]
+        dx, dgamma, dbeta = ctx.emit_multi(grad_op, x, gamma, g, rule=rule, eps=ctx.attrs["eps"],
+                                           hint=f"grad.{x.name}")
+        return [dx, dgamma, dbeta] + [None] * (len(ctx.inputs) - 3)
+
+    return vjp
+
+
+_NORM_GRAD_OUTPUTS = ("dx", "dgamma", "dbeta")
 register(OpDef("layer_norm", "structured", _layer_norm_infer, layer_norm_ref, arity=3,
                attrs={"eps": Attr("float", 1e-5)},
-               doc="normalise over the last axis to zero mean and unit variance, then scale and shift"))
+               doc="normalise over the last axis to zero mean and unit variance, then scale and shift",
+               vjp=_norm_vjp("layer_norm_grad", "dx = (dx̂ - mean(dx̂) - x̂ mean(dx̂ x̂)) / σ, dγ = Σ g x̂, dβ = Σ g")))
+register(OpDef("layer_norm_grad", "structured", _norm_grad_infer("layer_norm_grad"),
+               lambda x, gamma, g, *, eps: norm_grad_ref(x, gamma, g, eps, (-1,)), arity=3,
+               attrs={"eps": Attr("float", 1e-5)}, output_names=_NORM_GRAD_OUTPUTS,
+               doc="the backward of layer_norm: (dx, dgamma, dbeta)", nondiff=_BACKWARD_OP))
 
 
 def _batch_norm_check(op, x, gamma, beta, mean, var):
@@ -118,8 +221,11 @@ def bn_train_ref(x, gamma, beta, running_mean, running_var, *, momentum, eps):
     axes = tuple(range(x.ndim - 1))
     mean = x.mean(axis=axes)
     var = ((x - mean) ** 2).mean(axis=axes)
-    count = x.size // x.shape[-1]
-    unbiased = var * (count / max(count - 1, 1))
+    count = x.size // max(x.shape[-1], 1)
+    if count < 2:
+        raise InputError(f"batch_norm_train: a training batch needs at least 2 values per feature, got {count} "
+                         "(batch size 1? use a larger batch, or LayerNorm)")
+    unbiased = var * (count / (count - 1))
     y = ((x - mean) / np.sqrt(var + eps) * gamma + beta).astype(x.dtype)
     new_mean = ((1 - momentum) * running_mean + momentum * mean).astype(x.dtype)
     new_var = ((1 - momentum) * running_var + momentum * unbiased).astype(x.dtype)
@@ -130,7 +236,14 @@ register(OpDef("batch_norm_train", "structured", _bn_train_infer, bn_train_ref, 
                attrs={"momentum": Attr("float", 0.1), "eps": Attr("float", 1e-5)},
                output_names=("out", "running_mean", "running_var"),
                doc="normalise each feature (last axis) with the batch's mean and variance; also returns "
-                   "the running statistics updated with momentum (unbiased variance, as PyTorch)"))
+                   "the running statistics updated with momentum (unbiased variance, as PyTorch)",
+               vjp=_norm_vjp("batch_norm_train_grad", "through the batch statistics: dx = (dx̂ - mean(dx̂) - "
+                                                       "x̂ mean(dx̂ x̂)) / σ, dγ = Σ g x̂, dβ = Σ g")))
+register(OpDef("batch_norm_train_grad", "structured", _norm_grad_infer("batch_norm_train_grad"),
+               lambda x, gamma, g, *, eps: norm_grad_ref(x, gamma, g, eps, tuple(range(x.ndim - 1))), arity=3,
+               attrs={"eps": Attr("float", 1e-5)}, output_names=_NORM_GRAD_OUTPUTS,
+               doc="the backward of batch_norm_train through the batch statistics: (dx, dgamma, dbeta)",
+               nondiff=_BACKWARD_OP))
 
 
 def _bn_infer_infer(x, gamma, beta, mean, var, *, eps: float):
@@ -138,25 +251,69 @@ def _bn_infer_infer(x, gamma, beta, mean, var, *, eps: float):
     return x
 
 
+def _bn_infer_vjp(ctx, g):
+    x, gamma, _, mean, var = ctx.inputs
+    inv = ctx.emit("rsqrt", ctx.emit("add", var, ctx.const(ctx.attrs["eps"], var), rule="var + eps"),
+                   rule="1/σ with the running variance")
+    leading = list(range(x.type.rank - 1))
+    dx = dgamma = dbeta = None
+    if ctx.wants(0):
+        dx = ctx.emit("mul", g, ctx.emit("mul", gamma, inv, rule="γ/σ"), rule="g γ/σ", wrt="x")
+    if ctx.wants(1):
+        xhat = ctx.emit("mul", ctx.emit("sub", x, mean, rule="x - μ"), inv, rule="x̂")
+        dgamma = ctx.emit("sum", ctx.emit("mul", g, xhat, rule="g x̂"), rule="Σ g x̂", wrt="γ", axes=leading)
+    if ctx.wants(2):
+        dbeta = ctx.emit("sum", g, rule="Σ g", wrt="β", axes=leading)
+    return [dx, dgamma, dbeta, None, None]
+
+
 register(OpDef("batch_norm_infer", "structured", _bn_infer_infer,
                lambda x, g, b, m, v, *, eps: ((x - m) / np.sqrt(v + eps) * g + b).astype(x.dtype), arity=5,
                attrs={"eps": Attr("float", 1e-5)},
-               doc="normalise each feature with the running statistics (inference mode)"))
+               doc="normalise each feature with the running statistics (inference mode)", vjp=_bn_infer_vjp))
 
 
 # ---- lookup ------------------------------------------------------------------------------
 def _embedding_infer(table: TensorType, ids: TensorType) -> TensorType:
     require_rank("embedding", "table", table, 2)
-    same_dtype("embedding", table, allowed=FLOATS)
+    require_dtype("embedding", "the table", table, FLOATS)
     require_dtype("embedding", "ids", ids, INTS)
     return TensorType(table.dtype, (*ids.shape, table.shape[1]))
 
 
 def embedding_ref(table, ids):
-    if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
-        raise InputError(f"embedding: an id is outside [0, {table.shape[0]}): min {ids.min()}, max {ids.max()}")
+    check_indices("embedding", "ids", ids, table.shape[0])
     return table[ids]
 
 
+def _embedding_vjp(ctx, g):
+    table, ids = ctx.inputs
+    return [ctx.emit("embedding_grad", ids, g, rule="scatter-add g into the rows picked by ids",
+                     rows=table.type.shape[0]), None]
+
+
 register(OpDef("embedding", "structured", _embedding_infer, embedding_ref, arity=2,
-               doc="rows of table picked by integer ids: out[..., :] = table[ids[...], :]"))
+               doc="rows of table picked by integer ids: out[..., :] = table[ids[...], :]", vjp=_embedding_vjp))
+
+
+def _embedding_grad_infer(ids: TensorType, g: TensorType, *, rows: int) -> TensorType:
+    require_dtype("embedding_grad", "ids", ids, INTS)
+    require_rank("embedding_grad", "the gradient", g, tuple(range(1, 9)))
+    if rows < 0:
+        raise ShapeError(f"embedding_grad: rows={rows} must not be negative")
+    same_dtype("embedding_grad", g, allowed=FLOATS)
+    if g.shape[:-1] != ids.shape:
+        raise ShapeError(f"embedding_grad: gradient {g} does not match ids {ids}")
+    return TensorType(g.dtype, (rows, g.shape[-1]))
+
+
+def embedding_grad_ref(ids, g, *, rows: int):
+    check_indices("embedding_grad", "ids", ids, rows)
+    out = np.zeros((rows, g.shape[-1]), dtype=g.dtype)
+    np.add.at(out, ids.reshape(-1), g.reshape(-1, g.shape[-1]))
+    return out
+
+
+register(OpDef("embedding_grad", "structured", _embedding_grad_infer, embedding_grad_ref, arity=2,
+               attrs={"rows": Attr("int")}, doc="the backward of embedding: rows of g summed into a zero table "
+                                                "at ids (scatter-add)", nondiff=_BACKWARD_OP))

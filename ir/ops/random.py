@@ -21,11 +21,12 @@ _M32 = 0xFFFFFFFF
 def hash32(x):
     """A 32-bit avalanche hash (Wellons' "lowbias32"); works on numpy uint32 arrays and ints."""
     x = np.asarray(x, dtype=np.uint32)
-    x = x ^ (x >> np.uint32(16))
-    x = (x * np.uint32(0x7FEB352D)) & np.uint32(_M32)
-    x = x ^ (x >> np.uint32(15))
-    x = (x * np.uint32(0x846CA68B)) & np.uint32(_M32)
-    return x ^ (x >> np.uint32(16))
+    with np.errstate(over="ignore"):  # multiplication modulo 2^32 is the point
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x7FEB352D)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x846CA68B)
+        return x ^ (x >> np.uint32(16))
 
 
 def counter_uniform(seed: int, stream: int, step: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -53,4 +54,6 @@ def dropout_ref(x, step, *, p: float, seed: int, stream: int):
 register(OpDef("dropout", "elementwise", _dropout_infer, dropout_ref, arity=2,
                attrs={"p": Attr("float"), "seed": Attr("int"), "stream": Attr("int")},
                doc="zero each element with probability p and scale the rest by 1/(1-p); the mask is "
-                   "counter_uniform(seed, stream, step) >= p"))
+                   "counter_uniform(seed, stream, step) >= p",
+               vjp=lambda ctx, g: [ctx.emit("dropout", g, ctx.inputs[1], rule="g * the same mask / (1 - p)",
+                                            **ctx.attrs), None]))

@@ -17,7 +17,7 @@ def reduced_shape(t: TensorType, axes, keepdims: bool):
     return tuple(d for i, d in enumerate(t.shape) if i not in axes)
 
 
-def _reduction(name: str, fn, allowed, doc: str) -> OpDef:
+def _reduction(name: str, fn, allowed, doc: str, vjp) -> OpDef:
     def infer(x: TensorType, *, axes, keepdims) -> TensorType:
         same_dtype(name, x, allowed=allowed)
         check_axes(name, x, axes)
@@ -26,9 +26,44 @@ def _reduction(name: str, fn, allowed, doc: str) -> OpDef:
     def ref(x, *, axes, keepdims):
         return np.asarray(fn(x, axis=axes, keepdims=keepdims)).astype(x.dtype, copy=False)
 
-    return register(OpDef(name, "reduction", infer, ref, arity=1, attrs=_ATTRS, doc=doc))
+    return register(OpDef(name, "reduction", infer, ref, arity=1, attrs=_ATTRS, doc=doc, vjp=vjp))
 
 
-_reduction("sum", np.sum, NUMERIC, "sum over axes")
-_reduction("mean", np.mean, FLOATS, "arithmetic mean over axes")
-_reduction("max", np.max, NUMERIC, "maximum over axes; the gradient goes to every maximal element")
+def _sum_vjp(ctx, g):
+    (x,) = ctx.inputs
+    return [ctx.broadcast_back(g, x, ctx.attrs["axes"], ctx.attrs["keepdims"])]
+
+
+def _mean_vjp(ctx, g):
+    (x,) = ctx.inputs
+    n = ctx.emit("count", x, rule="n = elements per mean", axes=ctx.attrs["axes"])
+    spread = ctx.broadcast_back(g, x, ctx.attrs["axes"], ctx.attrs["keepdims"])
+    return [ctx.emit("div", spread, n, rule="g / n")]
+
+
+def _max_vjp(ctx, g):
+    (x,) = ctx.inputs
+    (y,) = ctx.outputs
+    axes, keepdims = ctx.attrs["axes"], ctx.attrs["keepdims"]
+    mask = ctx.emit("eq", x, ctx.broadcast_back(y, x, axes, keepdims), rule="x == max",
+                    hint=f"{y.name}.argmax")
+    return [ctx.emit("where", mask, ctx.broadcast_back(g, x, axes, keepdims), ctx.const(0.0, g),
+                     rule="g at the maximal elements")]
+
+
+_reduction("sum", np.sum, NUMERIC, "sum over axes", _sum_vjp)
+_reduction("mean", np.mean, FLOATS, "arithmetic mean over axes", _mean_vjp)
+_reduction("max", np.max, NUMERIC, "maximum over axes; the gradient goes to every maximal element", _max_vjp)
+
+
+def _count_infer(x: TensorType, *, axes) -> TensorType:
+    same_dtype("count", x, allowed=FLOATS)
+    check_axes("count", x, axes)
+    return TensorType(x.dtype, ())
+
+
+register(OpDef("count", "reduction", _count_infer,
+               lambda x, *, axes: np.asarray(np.prod([x.shape[a] for a in axes]), dtype=x.dtype), arity=1,
+               attrs={"axes": Attr("ints")}, doc="the number of elements over axes, as a float (reads only "
+                                                  "the shape, which may hold the batch size N)",
+               nondiff="depends only on the shape"))

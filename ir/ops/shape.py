@@ -25,8 +25,12 @@ def _reshape_infer(x: TensorType, *, shape) -> TensorType:
     return x.with_shape(shape)
 
 
+def _reshape_vjp(ctx, g):
+    return [ctx.emit("reshape", g, rule="g reshaped back", shape=list(ctx.inputs[0].type.shape))]
+
+
 register(OpDef("reshape", "shape", _reshape_infer, lambda x, *, shape: x.reshape(shape), arity=1,
-               attrs={"shape": Attr("dims")}, doc="same elements in row-major order, new shape"))
+               attrs={"shape": Attr("dims")}, doc="same elements in row-major order, new shape", vjp=_reshape_vjp))
 
 
 def _transpose_infer(x: TensorType, *, perm) -> TensorType:
@@ -35,8 +39,13 @@ def _transpose_infer(x: TensorType, *, perm) -> TensorType:
     return x.with_shape([x.shape[p] for p in perm])
 
 
+def _transpose_vjp(ctx, g):
+    inverse = list(np.argsort(ctx.attrs["perm"]).tolist())
+    return [ctx.emit("transpose", g, rule="g with the inverse permutation", perm=inverse)]
+
+
 register(OpDef("transpose", "shape", _transpose_infer, lambda x, *, perm: np.transpose(x, perm), arity=1,
-               attrs={"perm": Attr("ints")}, doc="permute axes: out.shape[i] = x.shape[perm[i]]"))
+               attrs={"perm": Attr("ints")}, doc="permute axes: out.shape[i] = x.shape[perm[i]]", vjp=_transpose_vjp))
 
 
 def _broadcast_infer(x: TensorType, *, shape) -> TensorType:
@@ -48,7 +57,8 @@ def _broadcast_infer(x: TensorType, *, shape) -> TensorType:
 
 register(OpDef("broadcast_to", "shape", _broadcast_infer,
                lambda x, *, shape: np.ascontiguousarray(np.broadcast_to(x, shape)), arity=1,
-               attrs={"shape": Attr("dims")}, doc="repeat size-1 (or missing leading) axes"))
+               attrs={"shape": Attr("dims")}, doc="repeat size-1 (or missing leading) axes",
+               vjp=lambda ctx, g: [ctx.unbroadcast(g, ctx.inputs[0].type)]))
 
 
 def _slice_infer(x: TensorType, *, axis: int, start: int, stop: int, step: int) -> TensorType:
@@ -70,9 +80,43 @@ def _slice_ref(x, *, axis, start, stop, step):
     return np.ascontiguousarray(x[tuple(index)])
 
 
-register(OpDef("slice", "shape", _slice_infer, _slice_ref, arity=1,
-               attrs={"axis": Attr("int"), "start": Attr("int"), "stop": Attr("int"), "step": Attr("int", 1)},
-               doc="x[start:stop:step] along one axis (normalised: 0 <= start <= stop <= size)"))
+def _slice_vjp(ctx, g):
+    a = ctx.attrs
+    size = ctx.inputs[0].type.shape[a["axis"]]
+    return [ctx.emit("slice_grad", g, rule=f"g placed at [{a['start']}:{a['stop']}:{a['step']}], zeros elsewhere",
+                     axis=a["axis"], start=a["start"], stop=a["stop"], step=a["step"], size=size)]
+
+
+_SLICE_ATTRS = {"axis": Attr("int"), "start": Attr("int"), "stop": Attr("int"), "step": Attr("int", 1)}
+register(OpDef("slice", "shape", _slice_infer, _slice_ref, arity=1, attrs=_SLICE_ATTRS,
+               doc="x[start:stop:step] along one axis (normalised: 0 <= start <= stop <= size)", vjp=_slice_vjp))
+
+
+def _slice_grad_infer(g: TensorType, *, axis, start, stop, step, size) -> TensorType:
+    shape = list(g.shape)
+    check_axis("slice_grad", g, axis)
+    shape[axis] = size
+    out = g.with_shape(shape)
+    if _slice_infer(out, axis=axis, start=start, stop=stop, step=step) != g:
+        raise ShapeError(f"slice_grad: {g} is not the slice [{start}:{stop}:{step}] of axis {axis} of {out}")
+    return out
+
+
+def _slice_grad_ref(g, *, axis, start, stop, step, size):
+    shape = list(g.shape)
+    shape[axis] = size
+    out = np.zeros(shape, dtype=g.dtype)
+    index = [slice(None)] * g.ndim
+    index[axis] = slice(start, stop, step)
+    out[tuple(index)] = g
+    return out
+
+
+register(OpDef("slice_grad", "shape", _slice_grad_infer, _slice_grad_ref, arity=1,
+               attrs={**_SLICE_ATTRS, "size": Attr("int")},
+               doc="the transpose of slice: g written into [start:stop:step] of a zero tensor with `size` along axis",
+               vjp=lambda ctx, g: [ctx.emit("slice", g, rule="the slice of g", **{
+                   k: ctx.attrs[k] for k in ("axis", "start", "stop", "step")})]))
 
 
 def _concat_infer(*xs: TensorType, axis: int) -> TensorType:
@@ -92,5 +136,15 @@ def _concat_infer(*xs: TensorType, axis: int) -> TensorType:
     return TensorType(dt, shape)
 
 
+def _concat_vjp(ctx, g):
+    axis, start, out = ctx.attrs["axis"], 0, []
+    for i, x in enumerate(ctx.inputs):
+        stop = start + x.type.shape[axis]
+        out.append(ctx.emit("slice", g, rule=f"g[{start}:{stop}] along axis {axis}", wrt=f"operand {i}",
+                            axis=axis, start=start, stop=stop, step=1) if ctx.wants(i) else None)
+        start = stop
+    return out
+
+
 register(OpDef("concat", "shape", _concat_infer, lambda *xs, axis: np.concatenate(xs, axis=axis), arity=None,
-               attrs={"axis": Attr("int")}, doc="join tensors along an existing axis"))
+               attrs={"axis": Attr("int")}, doc="join tensors along an existing axis", vjp=_concat_vjp))

@@ -1,0 +1,184 @@
+"""The ``gradfuse`` command: look at a model's IR at each stage, check IR files.
+
+Mistakes of the user's (a bad model file, malformed IR, wrong shapes) print one line and exit 1;
+only a bug in gradfuse itself prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gradfuse.errors import GradfuseError
+from gradfuse.ir.graph import Graph
+
+
+def _stage_forward(model, args) -> Graph:
+    return model.trace()
+
+
+def _stage_loss(model, args) -> Graph:
+    return model.trace(train=True, with_loss=True)
+
+
+def _stage_backward(model, args) -> Graph:
+    from gradfuse.passes.training import backward
+
+    grads = backward(model)
+    args.saved = grads.saved
+    return grads.graph
+
+
+def _stage_train(model, args) -> Graph:
+    from gradfuse.passes.training import training_step
+
+    return training_step(model, _optimizer(args)).graph
+
+
+# stage name -> (what it shows, how to build it from a Model)
+STAGES = {
+    "forward": ("the inference forward graph", _stage_forward),
+    "loss": ("the training-mode forward graph with the loss", _stage_loss),
+    "backward": ("forward + generated backward, with the values saved for the backward", _stage_backward),
+    "train": ("one whole training step: forward, backward, optimizer update", _stage_train),
+}
+
+
+def _optimizer(args):
+    from gradfuse.passes.optimizer import SGD, Adam
+
+    if args.optimizer == "adam":
+        return Adam(weight_decay=args.weight_decay)
+    return SGD(momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def saved_values_listing(saved, batch: int) -> str:
+    """The forward values the backward reads: what training keeps in memory per batch."""
+    rows = [(f"%{v.name}", str(v.type), v.type.nbytes({"N": batch})) for v in saved]
+    if not rows:
+        return ""
+    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    lines = [f"# values saved from the forward for the backward, at batch size N={batch}:"]
+    lines += [f"#   {name:<{w0}}  {t:<{w1}}  {n:>12,} B" for name, t, n in rows]
+    lines.append(f"#   {'total':<{w0}}  {'':<{w1}}  {sum(r[2] for r in rows):>12,} B")
+    return "\n".join(lines) + "\n"
+
+
+def _render(g: Graph, fmt: str) -> str:
+    if fmt == "text":
+        return str(g)
+    from gradfuse.ir.dot import to_dot, to_svg
+
+    if fmt == "dot":
+        return to_dot(g)
+    svg = to_svg(g)
+    if svg is None:
+        raise GradfuseError("--format svg needs Graphviz's `dot` program (apt-get install graphviz); "
+                            "--format dot prints the DOT source instead")
+    return svg
+
+
+def cmd_show(args) -> int:
+    from gradfuse.loader import load_model
+
+    model = load_model(args.model)
+    args.saved = None
+    graph = STAGES[args.stage][1](model, args)
+    sys.stdout.write(_render(graph, args.format))
+    if args.saved is not None and args.format == "text":
+        sys.stdout.write("\n" + saved_values_listing(args.saved, args.batch))
+    return 0
+
+
+def cmd_gradcheck(args) -> int:
+    from gradfuse.gradcheck import gradcheck, gradient_health
+    from gradfuse.loader import load_model
+
+    model = load_model(args.model)
+    report = gradcheck(model, batch=args.batch, directions=args.directions)
+    width = max(len(r.name) for r in report)
+    print(f"gradient check of {model.name} in float64: backward graph vs finite differences "
+          f"along {args.directions} random directions, batch {args.batch}")
+    print(f"  {'parameter':<{width}}  {'shape':<12} {'worst rel. error':>16} {'‖grad‖':>10} {'‖grad‖/‖p‖':>11}")
+    worst = 0.0
+    for r in report:
+        ratio = f"{r.grad_norm / r.param_norm:11.2e}" if r.param_norm else f"{'-':>11}"
+        error = "zero grad" if r.zero else f"{r.worst_rel_error:.2e}"
+        print(f"  {r.name:<{width}}  {str(list(r.shape)):<12} {error:>16} {r.grad_norm:10.3e} {ratio}")
+        worst = max(worst, r.worst_rel_error)
+    ok = worst < args.tolerance
+    print(f"worst relative error {worst:.2e}: {'OK' if ok else 'FAILED'} (tolerance {args.tolerance:g})")
+    zero = [r.name for r in report if r.zero]
+    if zero:
+        print(f"note: the loss does not depend on {', '.join(zero)} (its gradient is zero; e.g. a bias "
+              "right before a normalisation)")
+    print()
+    print(f"gradient health: ‖∂L/∂(layer output)‖ over a batch of {args.health_batch}, forward order")
+    for h in gradient_health(model, batch=args.health_batch):
+        print(f"  {h.layer:<{width}}  {str(list(h.shape)):<14} {h.grad_norm:10.3e}  {h.flag}")
+    return 0 if ok else 1
+
+
+def cmd_check(args) -> int:
+    from gradfuse.ir.parser import parse_graph
+
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise GradfuseError(f"{args.file}: cannot read it: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise GradfuseError(f"{args.file}: not UTF-8 text (byte {e.start}); is this an IR file?") from None
+    sys.stdout.write(str(parse_graph(text, file=args.file)))
+    return 0
+
+
+def _optimizer_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gradfuse", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    show = sub.add_parser("show", help="print a model's IR at a stage of the pipeline")
+    show.add_argument("model", help="a Python file defining `model` (or FILE.py:OBJECT)")
+    show.add_argument("--stage", choices=list(STAGES), default="forward",
+                      help="; ".join(f"{k}: {v[0]}" for k, v in STAGES.items()))
+    show.add_argument("--format", choices=["text", "dot", "svg"], default="text")
+    show.add_argument("--batch", type=int, default=256, help="batch size N for the memory figures")
+    _optimizer_flags(show)
+    show.set_defaults(run=cmd_show)
+
+    gc = sub.add_parser("gradcheck", help="check the backward graph against finite differences (float64); "
+                                          "report per-layer gradient norms")
+    gc.add_argument("model", help="a Python file defining `model` (or FILE.py:OBJECT)")
+    gc.add_argument("--batch", type=int, default=8)
+    gc.add_argument("--directions", type=int, default=3, help="random directions per parameter")
+    gc.add_argument("--tolerance", type=float, default=1e-6)
+    gc.add_argument("--health-batch", type=int, default=64)
+    gc.set_defaults(run=cmd_gradcheck)
+
+    check = sub.add_parser("check", help="parse and verify an IR file, print it back")
+    check.add_argument("file", help="a .gfir text file")
+    check.set_defaults(run=cmd_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except GradfuseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `gradfuse show ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
