@@ -1,8 +1,8 @@
 """Graphviz views of a graph: DOT text (deterministic), and SVG where the ``dot`` binary exists.
 
-Arguments are ellipses coloured by kind, nodes are boxes (backward nodes, whose note starts
-with ``vjp``, in another colour) grouped in one cluster per DSL scope, and outputs and state
-updates are sinks. An edge carries the operand index when its node has several operands, and
+Arguments are ellipses coloured by kind, nodes are boxes (the nodes autodiff emitted in another
+colour) grouped in one cluster per DSL scope and direction, and outputs and state updates are
+sinks. An edge carries the operand index when its node has several operands, and
 the value's name when its producer has several results; ``mul %x, %x`` keeps both its edges.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from .graph import ArgKind, Graph, Node, Value
+from .graph import ArgKind, Graph, Value
 from .printer import format_attrs, format_comment, print_value_type
 
 ARG_COLORS = {ArgKind.input: "#cfe2ff", ArgKind.param: "#d1e7dd", ArgKind.state: "#fff3cd"}
@@ -21,22 +21,27 @@ SINK_COLOR = "#e9ecef"
 
 
 def quote(text: str) -> str:
-    """A DOT string literal; line breaks become DOT's centred ``\\n``."""
-    text = text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "")
-    return '"' + text.replace("\n", "\\n") + '"'
+    """A DOT string literal. Line breaks become DOT's centred ``\\n``; other unprintable
+    characters (a NUL ends dot's string, a lone surrogate cannot be encoded) show as ``\\uXXXX``."""
+    out = []
+    for c in text:
+        if c == "\n":
+            out.append("\\n")
+        elif c in '"\\':
+            out.append("\\" + c)
+        else:
+            out.append(c if c.isprintable() else f"\\\\u{ord(c):04x}")
+    return '"' + "".join(out) + '"'
 
 
 def _attrs(**kw: str) -> str:
     return "[" + ", ".join(f"{k}={quote(v)}" for k, v in kw.items()) + "]"
 
 
-def is_backward(node: Node) -> bool:
-    return bool(node.note and node.note.startswith("vjp"))
-
-
 def to_dot(graph: Graph) -> str:
+    # newrank: rank nodes across clusters; without it dot fails to route some edges ("lost edge")
     lines = [f"digraph {quote(graph.name)} {{",
-             "  newrank=true;  // ranks across clusters: dot's edge routing fails on some graphs without",
+             "  newrank=true;",
              '  node [fontname="monospace", fontsize=10];',
              '  edge [fontname="monospace", fontsize=9];']
     source: dict[Value, tuple[str, bool]] = {}  # value -> (DOT id, its producer has several results)
@@ -45,21 +50,24 @@ def to_dot(graph: Graph) -> str:
         lines.append(f"  a{i} " + _attrs(label=f"{kind.value} {print_value_type(v)}", shape="ellipse",
                                           style="filled", fillcolor=ARG_COLORS[kind]) + ";")
 
-    scopes: dict[str, list[str]] = {}
+    # one cluster per scope and direction: backward nodes of fc1 in fc1's cluster would pull
+    # the backward pass up into the forward one
+    clusters: dict[tuple[str, bool], list[str]] = {}
     edges: list[str] = []
     for j, node in enumerate(graph.nodes):
         label = "\n".join([f"{node.op} {format_attrs(node)}".rstrip(), *map(print_value_type, node.outputs)])
         style = {"tooltip": tip} if (tip := format_comment(node)) else {}
-        fill = BACKWARD_COLOR if is_backward(node) else FORWARD_COLOR
-        scopes.setdefault(node.scope, []).append(
+        backward = node.stage != "forward"
+        fill = BACKWARD_COLOR if backward else FORWARD_COLOR
+        clusters.setdefault((node.scope, backward), []).append(
             f"n{j} " + _attrs(label=label, shape="box", style="filled", fillcolor=fill, **style))
         for i, v in enumerate(node.inputs):
             edges.append(_edge(v, f"n{j}", str(i) if len(node.inputs) > 1 else "", source))
         source.update((v, (f"n{j}", len(node.outputs) > 1)) for v in node.outputs)
-    for k, (scope, stmts) in enumerate(scopes.items()):
+    for k, ((scope, backward), stmts) in enumerate(clusters.items()):
         if scope:
             lines.append(f"  subgraph cluster_{k} {{")
-            lines.append(f"    label={quote(scope)};")
+            lines.append(f"    label={quote(scope + (' (backward)' if backward else ''))};")
             lines += [f"    {s};" for s in stmts]
             lines.append("  }")
         else:

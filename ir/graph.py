@@ -15,6 +15,9 @@ from typing import Any
 from .types import TensorType
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.]*$")
+# How provenance notes start (written by passes/autodiff.py and passes/optimizer.py).
+BACKWARD_NOTES = ("vjp(", "accumulate:", "dL/dL", "the loss does not depend")
+UPDATE_NOTES = ("sgd", "adam")
 
 
 @dataclass(eq=False)
@@ -48,7 +51,8 @@ class SourceLoc:
 @dataclass(eq=False)
 class Node:
     """One op application. ``scope`` is the DSL layer path (``fc1``, ``blocks.0.norm``);
-    ``note`` says where a generated node came from (e.g. the VJP rule that emitted it)."""
+    ``note`` says where a generated node came from (e.g. the VJP rule that emitted it);
+    ``kernel`` names the fused kernel it belongs to, once fusion has run."""
 
     op: str
     inputs: tuple[Value, ...]
@@ -57,6 +61,18 @@ class Node:
     loc: SourceLoc | None = None
     scope: str = ""
     note: str | None = None
+    kernel: str | None = None  # the fused kernel this node runs in (set by the fusion pass)
+
+    @property
+    def stage(self) -> str:
+        """``forward``, ``backward`` (emitted by autodiff) or ``update`` (by an optimizer), read
+        off the provenance note that those passes write."""
+        note = self.note or ""
+        if note.startswith(BACKWARD_NOTES):
+            return "backward"
+        if note.startswith(UPDATE_NOTES):
+            return "update"
+        return "forward"
 
     @property
     def output(self) -> Value:
@@ -140,12 +156,16 @@ class GraphBuilder:
             b.args.append((kind, v))
             b._claim(v.name)
         for n in g.nodes:
-            b.nodes.append(n)
-            for v in n.outputs:
-                b._claim(v.name)
-            if n.op == "const" and n.attrs["shape"] == ():
-                b._scalars.setdefault((n.attrs["value"], n.attrs["dtype"]), n.outputs[0])
+            b.add_node(n)
         return b
+
+    def add_node(self, n: Node) -> None:
+        """Append an existing node (its values keep their names)."""
+        self.nodes.append(n)
+        for v in n.outputs:
+            self._claim(v.name)
+        if n.op == "const" and n.attrs["shape"] == ():
+            self._scalars.setdefault((n.attrs["value"], n.attrs["dtype"]), n.outputs[0])
 
     def scalar(self, value: float, dtype) -> Value:
         """A scalar constant, emitted once per graph and shared by every use (``%c0``, ``%c0.5``)."""
@@ -188,8 +208,8 @@ class GraphBuilder:
 
     def emit(self, op: str, inputs: Sequence[Value], attrs: dict[str, Any] | None = None, *,
              names: Sequence[str] | None = None, hint: str | None = None, loc: SourceLoc | None = None,
-             scope: str = "", note: str | None = None, types: Sequence[TensorType] | None = None
-             ) -> tuple[Value, ...]:
+             scope: str = "", note: str | None = None, types: Sequence[TensorType] | None = None,
+             kernel: str | None = None) -> tuple[Value, ...]:
         """Append ``op(inputs)``; returns its output values.
 
         Output types come from the op's shape rule (which raises ShapeError on bad operands).
@@ -216,7 +236,7 @@ class GraphBuilder:
             hints += [f"{scope or op}.{name}" for name in opdef.output_names[1:]]
             out_names = [self._claim(self.fresh_name(h)) for h in hints]
         outs = tuple(Value(n, t) for n, t in zip(out_names, inferred, strict=True))
-        self.nodes.append(Node(op, tuple(inputs), outs, attrs, loc, scope, note))
+        self.nodes.append(Node(op, tuple(inputs), outs, attrs, loc, scope, note, kernel))
         return outs
 
     def emit1(self, op: str, *inputs: Value, **kw) -> Value:

@@ -263,11 +263,15 @@ class _Parser:
         self.expect("punct", "{", "'{' after the arguments")
         self.end_of_line("'{'")
         self.skip_blank_lines()
+        kernels: set[str] = set()
         while not self.at("ident", "return"):
-            if not self.at("value"):
-                raise self.error(self.tok, f"expected a node ('%name: type = op ...') or 'return', "
+            if self.at("ident", "kernel"):
+                self.kernel(b, kernels)
+            elif not self.at("value"):
+                raise self.error(self.tok, f"expected a node ('%name: type = op ...'), 'kernel' or 'return', "
                                            f"found {self.tok.describe()}")
-            self.node(b)
+            else:
+                self.node(b)
             self.skip_blank_lines()
         ret = self.advance()
         outputs = self.value_list("a return value", attrs_may_follow=False)
@@ -299,7 +303,26 @@ class _Parser:
         self.expect("punct", ":", f"':' after %{name}")
         self.values[name] = b.arg(name, self.type(), kind, exact=True)
 
-    def node(self, b: GraphBuilder) -> None:
+    def kernel(self, b: GraphBuilder, seen: set[str]) -> None:
+        """``kernel @k0 {`` nodes ``}``: the nodes the fusion pass put in one kernel."""
+        self.advance()
+        tok = self.expect("global", None, "a kernel name like @k0")
+        name = tok.text[1:]
+        if name in seen:
+            raise self.error(tok, f"kernel @{name} appears twice")
+        seen.add(name)
+        self.expect("punct", "{", f"'{{' after @{name}")
+        self.end_of_line("'{'")
+        self.skip_blank_lines()
+        if not self.at("value"):
+            raise self.error(self.tok, f"expected a node in kernel @{name}, found {self.tok.describe()}")
+        while self.at("value"):
+            self.node(b, name)
+            self.skip_blank_lines()
+        self.expect("punct", "}", f"a node or '}}' closing kernel @{name}")
+        self.end_of_line("'}'")
+
+    def node(self, b: GraphBuilder, kernel: str | None = None) -> None:
         names: list[str] = []
         types: list[TensorType] = []
         while True:
@@ -328,7 +351,8 @@ class _Parser:
             note, loc, scope = parse_comment(text[2:] if text.startswith("# ") else text[1:])
         self.end_of_line("the attributes")
         try:
-            outs = b.emit(op, inputs, attrs, names=names, types=types, loc=loc, scope=scope, note=note)
+            outs = b.emit(op, inputs, attrs, names=names, types=types, loc=loc, scope=scope, note=note,
+                          kernel=kernel)
         except GradfuseError as e:
             message = str(e)
             raise self.error(optok, message if message.startswith(f"{op}:") else f"{op}: {message}") from None

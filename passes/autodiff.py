@@ -16,11 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gradfuse.errors import GradfuseError
 from gradfuse.ir.graph import ArgKind, Graph, GraphBuilder, Node, Value
 from gradfuse.ir.registry import get_op
 from gradfuse.ir.types import DType, TensorType
-
-from gradfuse.errors import GradfuseError
 
 GRAD_PREFIX = "grad."
 
@@ -177,7 +176,3 @@ def _drop_dead_backward(g: Graph, first: int) -> Graph:
             live.update(n.inputs)
     return Graph(g.name, g.args, keep[::-1], g.outputs, g.updates)
 
-
-def is_backward(node: Node) -> bool:
-    return bool(node.note) and (node.note.startswith("vjp(") or node.note.startswith("accumulate")
-                                or node.note.startswith("dL/dL") or node.note.startswith("the loss does not"))

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from gradfuse.ir.graph import ArgKind, Graph, GraphBuilder, Value
-from gradfuse.ir.types import TensorType
 
 from gradfuse.errors import GradfuseError
+from gradfuse.ir.graph import ArgKind, Graph, GraphBuilder, Value
+from gradfuse.ir.types import TensorType
 
 from .autodiff import Gradients
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
+
 from gradfuse.ir.graph import Graph, GraphBuilder
 from gradfuse.ir.types import TensorType, as_type
 

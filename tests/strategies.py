@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import math
 
-from gradfuse.ir.graph import ArgKind, Graph, GraphBuilder, SourceLoc, Value
-from gradfuse.ir.registry import REQUIRED, OpDef, all_ops
-from gradfuse.ir.types import DType, Shape, TensorType
 from hypothesis import strategies as st
 
 from gradfuse.errors import GradfuseError
+from gradfuse.ir.graph import ArgKind, Graph, GraphBuilder, SourceLoc, Value
+from gradfuse.ir.registry import REQUIRED, OpDef, all_ops
+from gradfuse.ir.types import DType, Shape, TensorType
 
 DEFAULT_OPS = ("add", "sub", "mul", "div", "maximum", "minimum", "neg", "abs", "exp", "tanh", "relu",
                "sigmoid", "leaky_relu", "sum", "mean", "max", "matmul", "const", "reshape", "transpose")
@@ -65,7 +65,7 @@ def _attrs(draw, opdef: OpDef, x: Value | None) -> dict:
         elif spec.kind == "ints" and opdef.kind == "shape":
             value = draw(st.permutations(range(rank)))
         elif spec.kind == "ints":
-            value = sorted(draw(st.sets(st.integers(0, rank - 1), min_size=min(rank, 1))) if rank else [])
+            value = sorted(draw(st.sets(st.integers(0, rank - 1), min_size=1))) if rank else []
         elif spec.kind == "dims" and x is not None:
             value = draw(st.sampled_from(_reshapes(x.type.shape)))
         elif spec.kind == "dims":
@@ -102,7 +102,10 @@ def graphs(draw, ops=DEFAULT_OPS, max_nodes: int = 8, annotate: bool = True) -> 
     for _ in range(draw(st.integers(0, 2))):
         values.append(b.arg(draw(names), f32(*draw(st.lists(features, min_size=1, max_size=2))),
                             ArgKind.param))
-    state = b.arg(draw(names), f32(draw(features)), ArgKind.state) if elementwise and draw(st.booleans()) else None
+    state = None
+    if elementwise and draw(st.booleans()):
+        state = b.arg(draw(names), f32(draw(features)), ArgKind.state)
+        values.append(state)
 
     results: list[Value] = []
     for _ in range(draw(st.integers(1, max_nodes))):

@@ -15,14 +15,14 @@ import warnings
 
 import numpy as np
 import pytest
-from gradfuse.ir.graph import GraphBuilder
-from gradfuse.ir.interpreter import interpret
-from gradfuse.ir.registry import REQUIRED, all_ops, get_op, normalize_attr
-from gradfuse.ir.types import as_type
 from op_cases import CASES, bindings_for, build_graph, case_symbols, feeds_for, make_inputs
 from scipy import special
 
 from gradfuse.errors import AttrError, InputError, ShapeError
+from gradfuse.ir.graph import GraphBuilder
+from gradfuse.ir.interpreter import interpret
+from gradfuse.ir.registry import REQUIRED, all_ops, get_op, normalize_attr
+from gradfuse.ir.types import as_type
 
 KINDS = {"elementwise", "reduction", "shape", "structured", "source"}
 

@@ -186,13 +186,48 @@ def _norm_grad_infer(op):
 
 
 def _norm_vjp(grad_op: str, rule: str):
-    def vjp(ctx, g, *_stats):
+    def vjp(ctx, g):
         x, gamma = ctx.inputs[:2]
-        dx, dgamma, dbeta = ctx.emit_multi(grad_op, x, gamma, g, rule=rule, eps=ctx.attrs["eps"],
-                                           hint=f"grad.{x.name}")
-        return [dx, dgamma, dbeta] + [None] * (len(ctx.inputs) - 3)
+        return list(ctx.emit_multi(grad_op, x, gamma, g, rule=rule, eps=ctx.attrs["eps"], hint=f"grad.{x.name}"))
 
     return vjp
+
+
+def _bn_train_vjp(ctx, g, g_mean, g_var):
+    """Through the normalised output (batch_norm_train_grad) and, when they reach the loss,
+    through the running statistics: new_mean = (1-m)·rm + m·mean(x), new_var = (1-m)·rv +
+    m·Σ(x-μ)²/(n-1)."""
+    x, gamma, _, rm, rv = ctx.inputs
+    m = ctx.attrs["momentum"]
+    leading = list(range(x.type.rank - 1))
+    dx = dgamma = dbeta = None
+    if g is not None:
+        dx, dgamma, dbeta = _norm_vjp("batch_norm_train_grad", _BN_RULE)(ctx, g)
+    if ctx.wants(0) and (g_mean is not None or g_var is not None):
+        n = ctx.emit("count", x, rule="n = rows per feature", axes=leading)
+        terms = [] if dx is None else [dx]
+        if g_mean is not None:
+            per_row = ctx.emit("div", ctx.emit("mul", g_mean, ctx.const(m, x), rule="m·ḡ_mean"), n,
+                               rule="m·ḡ_mean / n", wrt="x via running_mean")
+            terms.append(ctx.emit("broadcast_to", per_row, rule="the same for every row", wrt="x via running_mean",
+                                  shape=list(x.type.shape)))
+        if g_var is not None:
+            centred = ctx.emit("sub", x, ctx.emit("mean", x, rule="μ", axes=leading, keepdims=True), rule="x - μ")
+            scale = ctx.emit("div", ctx.emit("mul", g_var, ctx.const(2 * m, x), rule="2m·ḡ_var"),
+                             ctx.emit("sub", n, ctx.const(1.0, x), rule="n - 1"), rule="2m·ḡ_var / (n-1)")
+            terms.append(ctx.emit("mul", centred, scale, rule="2m (x - μ) ḡ_var / (n-1)", wrt="x via running_var"))
+        dx = terms[0]
+        for t in terms[1:]:
+            dx = ctx.emit("add", dx, t, rule="sum of the paths to x")
+    decay = ctx.const(1.0 - m, x)
+    d_rm = ctx.emit("mul", g_mean, decay, rule="(1-m)·ḡ", wrt="running_mean") if ctx.wants(3) and g_mean is not None \
+        else None
+    d_rv = ctx.emit("mul", g_var, decay, rule="(1-m)·ḡ", wrt="running_var") if ctx.wants(4) and g_var is not None \
+        else None
+    return [dx, dgamma, dbeta, d_rm, d_rv]
+
+
+_BN_RULE = "through the batch statistics: dx = (dx̂ - mean(dx̂) - x̂ mean(dx̂ x̂)) / σ, dγ = Σ g x̂, dβ = Σ g"
 
 
 _NORM_GRAD_OUTPUTS = ("dx", "dgamma", "dbeta")
@@ -237,8 +272,7 @@ register(OpDef("batch_norm_train", "structured", _bn_train_infer, bn_train_ref, 
                output_names=("out", "running_mean", "running_var"),
                doc="normalise each feature (last axis) with the batch's mean and variance; also returns "
                    "the running statistics updated with momentum (unbiased variance, as PyTorch)",
-               vjp=_norm_vjp("batch_norm_train_grad", "through the batch statistics: dx = (dx̂ - mean(dx̂) - "
-                                                       "x̂ mean(dx̂ x̂)) / σ, dγ = Σ g x̂, dβ = Σ g")))
+               vjp=_bn_train_vjp))
 register(OpDef("batch_norm_train_grad", "structured", _norm_grad_infer("batch_norm_train_grad"),
                lambda x, gamma, g, *, eps: norm_grad_ref(x, gamma, g, eps, tuple(range(x.ndim - 1))), arity=3,
                attrs={"eps": Attr("float", 1e-5)}, output_names=_NORM_GRAD_OUTPUTS,
@@ -256,15 +290,26 @@ def _bn_infer_vjp(ctx, g):
     inv = ctx.emit("rsqrt", ctx.emit("add", var, ctx.const(ctx.attrs["eps"], var), rule="var + eps"),
                    rule="1/σ with the running variance")
     leading = list(range(x.type.rank - 1))
-    dx = dgamma = dbeta = None
+    grads: list = [None] * 5
+    g_scaled = ctx.emit("mul", g, ctx.emit("mul", gamma, inv, rule="γ/σ"), rule="g γ/σ")
     if ctx.wants(0):
-        dx = ctx.emit("mul", g, ctx.emit("mul", gamma, inv, rule="γ/σ"), rule="g γ/σ", wrt="x")
+        grads[0] = g_scaled
+    if ctx.wants(1) or ctx.wants(4):
+        centred = ctx.emit("sub", x, mean, rule="x - μ")
     if ctx.wants(1):
-        xhat = ctx.emit("mul", ctx.emit("sub", x, mean, rule="x - μ"), inv, rule="x̂")
-        dgamma = ctx.emit("sum", ctx.emit("mul", g, xhat, rule="g x̂"), rule="Σ g x̂", wrt="γ", axes=leading)
+        xhat = ctx.emit("mul", centred, inv, rule="x̂")
+        grads[1] = ctx.emit("sum", ctx.emit("mul", g, xhat, rule="g x̂"), rule="Σ g x̂", wrt="γ", axes=leading)
     if ctx.wants(2):
-        dbeta = ctx.emit("sum", g, rule="Σ g", wrt="β", axes=leading)
-    return [dx, dgamma, dbeta, None, None]
+        grads[2] = ctx.emit("sum", g, rule="Σ g", wrt="β", axes=leading)
+    if ctx.wants(3):
+        grads[3] = ctx.emit("neg", ctx.emit("sum", g_scaled, rule="Σ g γ/σ", axes=leading), rule="-Σ g γ/σ",
+                            wrt="running mean")
+    if ctx.wants(4):
+        inv2 = ctx.emit("mul", inv, inv, rule="1/σ²")
+        t = ctx.emit("mul", ctx.emit("mul", g_scaled, centred, rule="g γ (x - μ)/σ"), inv2, rule="g γ (x - μ)/σ³")
+        grads[4] = ctx.emit("mul", ctx.emit("sum", t, rule="Σ g γ (x - μ)/σ³", axes=leading),
+                            ctx.const(-0.5, x), rule="-½ Σ g γ (x - μ) (var + eps)^(-3/2)", wrt="running var")
+    return grads
 
 
 register(OpDef("batch_norm_infer", "structured", _bn_infer_infer,

@@ -56,7 +56,7 @@ def _broadcast_infer(x: TensorType, *, shape) -> TensorType:
 
 
 register(OpDef("broadcast_to", "shape", _broadcast_infer,
-               lambda x, *, shape: np.ascontiguousarray(np.broadcast_to(x, shape)), arity=1,
+               lambda x, *, shape: np.array(np.broadcast_to(x, shape)), arity=1,
                attrs={"shape": Attr("dims")}, doc="repeat size-1 (or missing leading) axes",
                vjp=lambda ctx, g: [ctx.unbroadcast(g, ctx.inputs[0].type)]))
 
