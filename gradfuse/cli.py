@@ -35,13 +35,25 @@ def _stage_train(model, args) -> Graph:
     return training_step(model, _optimizer(args)).graph
 
 
+def _stage_fused(model, args) -> Graph:
+    from gradfuse.passes.manager import run_pipeline
+    from gradfuse.passes.training import training_step
+
+    result = run_pipeline(training_step(model, _optimizer(args)).graph, args.pipeline, dump_dir=args.dump_passes)
+    args.reports = [r.report for r in result.records if r.report] if args.explain else []
+    args.reports.append(result.timing_table())
+    return result.graph
+
+
 # stage name -> (what it shows, how to build it from a Model)
 STAGES = {
     "forward": ("the inference forward graph", _stage_forward),
     "loss": ("the training-mode forward graph with the loss", _stage_loss),
     "backward": ("forward + generated backward, with the values saved for the backward", _stage_backward),
     "train": ("one whole training step: forward, backward, optimizer update", _stage_train),
+    "fused": ("the training step after the pass pipeline (--pipeline), as kernels", _stage_fused),
 }
+DEFAULT_PIPELINE = "simplify,fuse,memory-plan"
 
 
 def _optimizer(args):
@@ -82,11 +94,17 @@ def cmd_show(args) -> int:
     from gradfuse.loader import load_model
 
     model = load_model(args.model)
-    args.saved = None
+    args.saved, args.reports = None, []
+    if args.pipeline is None:
+        args.pipeline = DEFAULT_PIPELINE.replace("fuse", f"fuse(batch={args.batch})").replace(
+            "memory-plan", f"memory-plan(batch={args.batch})")
     graph = STAGES[args.stage][1](model, args)
     sys.stdout.write(_render(graph, args.format))
-    if args.saved is not None and args.format == "text":
-        sys.stdout.write("\n" + saved_values_listing(args.saved, args.batch))
+    if args.format == "text":
+        if args.saved is not None:
+            sys.stdout.write("\n" + saved_values_listing(args.saved, args.batch))
+        for report in args.reports:
+            sys.stdout.write("\n" + "\n".join("# " + line if line else "#" for line in report.splitlines()) + "\n")
     return 0
 
 
@@ -149,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="; ".join(f"{k}: {v[0]}" for k, v in STAGES.items()))
     show.add_argument("--format", choices=["text", "dot", "svg"], default="text")
     show.add_argument("--batch", type=int, default=256, help="batch size N for the memory figures")
+    show.add_argument("--pipeline", default=None,
+                      help=f"passes for --stage fused, e.g. '{DEFAULT_PIPELINE}' (the default)")
+    show.add_argument("--explain", action="store_true",
+                      help="with --stage fused: each pass's report (fusion decisions, memory plan)")
+    show.add_argument("--dump-passes", metavar="DIR", default=None,
+                      help="write the IR after each pass to DIR (also: GRADFUSE_DUMP=DIR)")
     _optimizer_flags(show)
     show.set_defaults(run=cmd_show)
 

@@ -103,6 +103,8 @@ def _body(graph: Graph) -> list[str]:
     comment where the backward and the optimizer update begin."""
     lines: list[str] = []
     kernel, stages = None, {"forward"}
+    if any(n.kernel for n in graph.nodes):  # kernels mix the stages: no headers
+        stages = {"forward", "backward", "update"}
     for n in graph.nodes:
         if n.kernel != kernel:
             if kernel is not None:

@@ -272,12 +272,18 @@ class Fuser:
             self.group_of[n] = saved
 
     def _neighbours(self, grp: Group) -> list[Group]:
+        """Kernels that produce, consume, or also read (horizontal fusion) this group's values."""
         out = []
         for n in grp.nodes:
             for v in n.inputs:
                 p = self.producer.get(v)
                 if p is not None and self.group_of.get(p) not in (None, grp) and self.group_of[p] not in out:
                     out.append(self.group_of[p])
+                if v in self.immediates:
+                    continue
+                for u in self.users[v]:
+                    if self.group_of.get(u) not in (None, grp) and self.group_of[u] not in out:
+                        out.append(self.group_of[u])
             for v in n.outputs:
                 for u in self.users[v]:
                     if self.group_of.get(u) not in (None, grp) and self.group_of[u] not in out:

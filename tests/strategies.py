@@ -145,3 +145,16 @@ def graphs(draw, ops=DEFAULT_OPS, max_nodes: int = 8, annotate: bool = True) -> 
                 updates.append((state, new))
     outputs = draw(st.lists(st.sampled_from(results or values), min_size=1, max_size=3, unique=True))
     return b.finish(outputs, updates)
+
+
+def random_feeds(g: Graph, batch: int = 3, seed: int = 0) -> dict:
+    """Random arrays for every argument of ``g``, with each symbol bound to ``batch``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for _, v in g.args:
+        shape = v.type.concrete({s: batch for s in v.type.symbols})
+        feeds[v.name] = rng.normal(size=shape).astype(v.type.dtype.np) if v.type.dtype.is_float else \
+            rng.integers(0, 2, size=shape).astype(v.type.dtype.np)
+    return feeds
