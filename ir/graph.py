@@ -164,7 +164,7 @@ class GraphBuilder:
         self.nodes.append(n)
         for v in n.outputs:
             self._claim(v.name)
-        if n.op == "const" and n.attrs["shape"] == ():
+        if n.op == "const" and n.attrs["shape"] == () and n.note is None:  # not e.g. the autodiff seed
             self._scalars.setdefault((n.attrs["value"], n.attrs["dtype"]), n.outputs[0])
 
     def scalar(self, value: float, dtype) -> Value:

@@ -17,9 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gradfuse.errors import GradfuseError
-from gradfuse.ir.graph import ArgKind, Graph, GraphBuilder, Node, Value
+from gradfuse.ir.graph import Graph, GraphBuilder, Node, Value
 from gradfuse.ir.registry import get_op
 from gradfuse.ir.types import DType, TensorType
+
+from .simplify import eliminate_dead_code
 
 GRAD_PREFIX = "grad."
 
@@ -106,7 +108,6 @@ def differentiate(g: Graph, wrt: Sequence[str] | None = None, loss_index: int = 
             active.update(v for v in n.outputs if v.type.dtype.is_float)
 
     b = GraphBuilder.extend(g)
-    forward_nodes = len(b.nodes)
     cotangents: dict[Value, list[Value]] = {}
 
     (seed,) = b.emit("const", [], {"value": 1.0, "dtype": loss.type.dtype, "shape": ()},
@@ -154,25 +155,12 @@ def differentiate(g: Graph, wrt: Sequence[str] | None = None, loss_index: int = 
         grads[name] = gv
 
     outputs = list(g.outputs) + list(grads.values())
-    joint = _drop_dead_backward(b.finish(outputs, g.updates, verify=False), forward_nodes)
-    from gradfuse.ir.verifier import verify
-
-    verify(joint)
-    backward = joint.nodes[forward_nodes:]
-    produced_forward = {v for n in joint.nodes[:forward_nodes] for v in n.outputs} | {v for k, v in joint.args
-                                                                                      if k is ArgKind.input}
-    saved = list(dict.fromkeys(v for n in backward for v in n.inputs if v in produced_forward))
-    return Gradients(joint, loss, grads, saved)
-
-
-def _drop_dead_backward(g: Graph, first: int) -> Graph:
-    """Remove backward nodes whose results nothing uses (rules may emit unneeded helpers)."""
-    live = set(g.outputs) | {new for _, new in g.updates}
-    keep = []
-    for i in range(len(g.nodes) - 1, -1, -1):
-        n = g.nodes[i]
-        if i < first or any(v in live for v in n.outputs):
-            keep.append(n)
-            live.update(n.inputs)
-    return Graph(g.name, g.args, keep[::-1], g.outputs, g.updates)
+    joint, _ = eliminate_dead_code(b.finish(outputs, g.updates))  # rules may emit helpers nothing uses
+    by_name = {v.name: v for v in joint.values()}  # the pass may have copied the values
+    grads = {name: by_name[v.name] for name, v in grads.items()}
+    forward_values = {by_name[v.name] for n in g.nodes for v in n.outputs if v.name in by_name} | \
+        {by_name[v.name] for v in g.inputs}
+    saved = list(dict.fromkeys(v for n in joint.nodes if n.outputs[0] not in forward_values
+                               for v in n.inputs if v in forward_values))
+    return Gradients(joint, by_name[loss.name], grads, saved)
 

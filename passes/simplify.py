@@ -236,7 +236,7 @@ def _transpose(n: Node, ins: list[Value], c: _Copy) -> _Rewrite | None:
     if perm == tuple(range(len(perm))):
         return _Rewrite("identity transpose" if inner is None else "a transpose undone", value=x)
     if inner is not None:
-        return _Rewrite(f"two transposes composed into perm={list(perm)}", op="transpose", inputs=(x,),
+        return _Rewrite(f"two transposes composed into perm=[{','.join(map(str, perm))}]", op="transpose", inputs=(x,),
                         attrs={"perm": perm})
     return None
 
@@ -320,6 +320,11 @@ def apply_algebra(g: Graph) -> tuple[Graph, Changes]:
 
 
 # ---- the passes --------------------------------------------------------------------------
+def _check_count(name: str, option: str, value: Any, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise GradfuseError(f"{name}: {option}={value!r} should be an integer >= {least}")
+
+
 @register_pass
 @dataclass(frozen=True)
 class DeadCodeElimination(Pass):
@@ -353,6 +358,9 @@ class FoldConstants(Pass):
     name: ClassVar[str] = "fold-constants"
     max_elements: int = 1 << 16
 
+    def __post_init__(self):
+        _check_count(self.name, "max_elements", self.max_elements, 0)
+
     def run(self, graph: Graph) -> PassResult:
         g, folded = fold_constants(graph, self.max_elements)
         return PassResult(g, _report("fold-constants", folded, "folded {n} node{s} into constants",
@@ -379,6 +387,9 @@ class Simplify(Pass):
 
     name: ClassVar[str] = "simplify"
     max_rounds: int = 10
+
+    def __post_init__(self):
+        _check_count(self.name, "max_rounds", self.max_rounds, 1)
 
     def run(self, graph: Graph) -> PassResult:
         steps = (FoldConstants(), Algebra(), CommonSubexpressionElimination(), DeadCodeElimination())

@@ -3,6 +3,7 @@ random graphs seeded with the patterns each pass rewrites, the example models' t
 and pipeline strings."""
 
 import importlib.util
+import textwrap
 
 import numpy as np
 import pytest
@@ -70,10 +71,10 @@ func @cse(input %x: f32[N,4], input %y: f32[N,4], state %step: i64[]) {
 func @fold(input %x: f32[N,8]) {
   %one: f32[] = const {value=1.0}
   %beta: f32[] = const {value=0.9}
-  %bias: f32[] = sub %one, %beta                        # adam: 1 - β1, in f32
+  %bias: f32[] = sub %one, %beta                        # 1 - β1 as Adam computes it: in f32
   %wide: f32[2,3] = broadcast_to %bias {shape=[2,3]}
   %total: f32[3] = sum %wide {axes=[0]}                 # still one value: 2 (1 - β1)
-  %n: f32[] = count %x {axes=[1]}                       # vjp(mean): reads only the shape
+  %n: f32[] = count %x {axes=[1]}                       # mean's backward: reads only the shape
   %mean: f32[N,8] = div %x, %n
   %batch: f32[] = count %x {axes=[0]}                   # N: known only at run time
   %zero: f32[] = const {value=0.0}
@@ -135,7 +136,9 @@ func @simplify(input %x: f32[N,4], param %w: f32[4,4], state %s: f32[4]) {
 
 
 def golden_text(name: str, before: Graph, report: str, after: Graph) -> str:
-    comment = "\n".join(f"#   {line}" for line in report.splitlines())
+    lines = [wrapped for line in report.splitlines()
+             for wrapped in textwrap.wrap(line, 110, subsequent_indent="    ", break_on_hyphens=False)]
+    comment = "\n".join(f"#   {line}" for line in lines)
     return (f"# {name}: the input, the pass's report and its output (tests/test_simplify.py)\n"
             f"# report:\n{comment}\n#\n# ---- input ----\n{before}# ---- after {name} ----\n{after}")
 
@@ -242,7 +245,9 @@ def patterned_graphs(draw) -> Graph:
         elif kind == "reshape":
             flat = b.emit1("reshape", x, attrs={"shape": [*x.type.shape, 1]})
             y = b.emit1("reshape", flat, attrs={"shape": draw(st.sampled_from([x.type.shape, [1, *x.type.shape]]))})
-        elif kind == "matmul" and x.type.rank >= 2:
+        elif kind == "matmul":
+            if x.type.rank < 2:
+                x = b.emit1("reshape", x, attrs={"shape": [*[1] * (2 - x.type.rank), *x.type.shape]})
             xt = b.emit1("transpose", x, attrs={"perm": [*range(x.type.rank - 2), x.type.rank - 1, x.type.rank - 2]})
             w = b.arg("w", x.type.with_shape([x.type.shape[-1], 2]), ArgKind.param)
             y = b.emit1("matmul", xt, xt, attrs={"transpose_a": True}) if draw(st.booleans()) else \
@@ -256,8 +261,11 @@ def patterned_graphs(draw) -> Graph:
             if n is None:
                 continue
             y = b.emit(n.op, n.inputs, n.attrs)[0]
-        else:
+        elif draw(st.booleans()):
             y = b.emit1("cast", b.emit1("broadcast_to", x, attrs={"shape": x.type.shape}), attrs={"dtype": DType.f32})
+        else:
+            wide = b.emit1("broadcast_to", x, attrs={"shape": [2, *x.type.shape]})
+            y = b.emit1("broadcast_to", wide, attrs={"shape": [3, 2, *x.type.shape]})
         if y.type.dtype is DType.f32:
             added.append(y)
     outputs = g.outputs + draw(st.lists(st.sampled_from(added), max_size=3, unique=True)) if added else g.outputs
@@ -333,6 +341,10 @@ def test_pipeline_strings(pipelines):
         manager.parse_pipeline("simplify(rounds=2)")
     with pytest.raises(GradfuseError, match="dce does not take max_rounds"):
         manager.parse_pipeline("dce(max_rounds=2)")
+    with pytest.raises(GradfuseError, match=r"simplify: max_rounds=0 should be an integer >= 1"):
+        manager.parse_pipeline("simplify(max_rounds=0)")
+    with pytest.raises(GradfuseError, match=r"fold-constants: max_elements='many' should be an integer >= 0"):
+        manager.parse_pipeline("fold-constants(max_elements='many')")
 
 
 def test_run_pipeline_dumps_each_pass(pipelines, tmp_path):

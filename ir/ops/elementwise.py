@@ -22,13 +22,15 @@ def _binary_rule(allowed, result_dtype=None):
     return infer
 
 
-def _binary(name: str, fn, allowed=NUMERIC, result_dtype=None, doc="", nondiff=None, vjp=None) -> OpDef:
+def _binary(name: str, fn, expr: str, allowed=NUMERIC, result_dtype=None, doc="", nondiff=None, vjp=None) -> OpDef:
     rule = _binary_rule(allowed, result_dtype)
     return register(OpDef(name, "elementwise", lambda a, b: rule(a, b, _op=name),
-                          lambda a, b: np.asarray(fn(a, b)), arity=2, doc=doc, nondiff=nondiff, vjp=vjp))
+                          lambda a, b: np.asarray(fn(a, b)), arity=2, doc=doc, nondiff=nondiff, vjp=vjp,
+                          lowering={"expr": expr}))
 
 
-def _unary(name: str, fn, allowed=FLOATS, attrs=None, doc="", nondiff=None, result_dtype=None, vjp=None) -> OpDef:
+def _unary(name: str, fn, expr: str, allowed=FLOATS, attrs=None, doc="", nondiff=None, result_dtype=None,
+           vjp=None) -> OpDef:
     def infer(x: TensorType, **_attrs) -> TensorType:
         same_dtype(name, x, allowed=allowed)
         return TensorType(result_dtype or x.dtype, x.shape)
@@ -37,10 +39,13 @@ def _unary(name: str, fn, allowed=FLOATS, attrs=None, doc="", nondiff=None, resu
         return np.asarray(fn(x, **kw)).astype(result_dtype.np if result_dtype else x.dtype, copy=False)
 
     return register(OpDef(name, "elementwise", infer, ref, arity=1, attrs=attrs or {}, doc=doc,
-                          nondiff=nondiff, vjp=vjp))
+                          nondiff=nondiff, vjp=vjp, lowering={"expr": expr}))
 
 
 # ---- arithmetic --------------------------------------------------------------------------
+# ``expr`` is the op's scalar lowering, shared by the CPU and CUDA backends: {0}, {1}, ... are the
+# operands, {F} the constructor of the float type computed in (f32/f64), {OUT} of the result
+# type, {name} an attribute; helper functions (fast_tanh, gelu_tanh, ...) are in codegen/scalar_lib.py.
 # A VJP rule gets the context (the forward node, ``emit``) and the output's cotangent ``g``; it
 # returns one gradient per input (None where ctx.wants(i) is false). ``rule=`` is the formula
 # printed beside each backward node.
@@ -102,25 +107,25 @@ def _select_vjp(cmp: str, doc: str):
     return vjp
 
 
-add = _binary("add", np.add, doc="a + b", vjp=_add_vjp)
-sub = _binary("sub", np.subtract, doc="a - b", vjp=_sub_vjp)
-mul = _binary("mul", np.multiply, doc="a * b", vjp=_mul_vjp)
-div = _binary("div", np.divide, allowed=FLOATS, doc="a / b (floats)", vjp=_div_vjp)
-pow = _binary("pow", np.power, allowed=FLOATS, doc="a ** b (floats)", vjp=_pow_vjp)
-maximum = _binary("maximum", np.maximum, doc="elementwise max; the gradient goes to a where a >= b",
+add = _binary("add", np.add, "({0} + {1})", doc="a + b", vjp=_add_vjp)
+sub = _binary("sub", np.subtract, "({0} - {1})", doc="a - b", vjp=_sub_vjp)
+mul = _binary("mul", np.multiply, "({0} * {1})", doc="a * b", vjp=_mul_vjp)
+div = _binary("div", np.divide, "({0} / {1})", allowed=FLOATS, doc="a / b (floats)", vjp=_div_vjp)
+pow = _binary("pow", np.power, "({0} ** {1})", allowed=FLOATS, doc="a ** b (floats)", vjp=_pow_vjp)
+maximum = _binary("maximum", np.maximum, "max({0}, {1})", doc="elementwise max; the gradient goes to a where a >= b",
                   vjp=_select_vjp("ge", "a >= b"))
-minimum = _binary("minimum", np.minimum, doc="elementwise min; the gradient goes to a where a <= b",
+minimum = _binary("minimum", np.minimum, "min({0}, {1})", doc="elementwise min; the gradient goes to a where a <= b",
                   vjp=_select_vjp("le", "a <= b"))
 
 # ---- comparisons and logic (piecewise constant: no gradient) -----------------------------
 _CMP = "a comparison is piecewise constant: its gradient is zero almost everywhere"
-for _name, _fn in [("eq", np.equal), ("ne", np.not_equal), ("lt", np.less), ("le", np.less_equal),
-                   ("gt", np.greater), ("ge", np.greater_equal)]:
-    _binary(_name, _fn, result_dtype=DType.bool, doc=f"a {_name} b -> bool", nondiff=_CMP)
+for _name, _fn, _sym in [("eq", np.equal, "=="), ("ne", np.not_equal, "!="), ("lt", np.less, "<"),
+                         ("le", np.less_equal, "<="), ("gt", np.greater, ">"), ("ge", np.greater_equal, ">=")]:
+    _binary(_name, _fn, f"({{0}} {_sym} {{1}})", result_dtype=DType.bool, doc=f"a {_sym} b -> bool", nondiff=_CMP)
 _LOGIC = "boolean logic has no gradient"
-_binary("logical_and", np.logical_and, allowed=(DType.bool,), doc="a and b", nondiff=_LOGIC)
-_binary("logical_or", np.logical_or, allowed=(DType.bool,), doc="a or b", nondiff=_LOGIC)
-_unary("logical_not", np.logical_not, allowed=(DType.bool,), doc="not a", nondiff=_LOGIC)
+_binary("logical_and", np.logical_and, "({0} and {1})", allowed=(DType.bool,), doc="a and b", nondiff=_LOGIC)
+_binary("logical_or", np.logical_or, "({0} or {1})", allowed=(DType.bool,), doc="a or b", nondiff=_LOGIC)
+_unary("logical_not", np.logical_not, "(not {0})", allowed=(DType.bool,), doc="not a", nondiff=_LOGIC)
 
 
 def _where_infer(c: TensorType, a: TensorType, b: TensorType) -> TensorType:
@@ -140,7 +145,7 @@ def _where_vjp(ctx, g):
 
 
 register(OpDef("where", "elementwise", _where_infer, lambda c, a, b: np.where(c, a, b), arity=3,
-               doc="cond ? a : b, with broadcasting", vjp=_where_vjp))
+               doc="cond ? a : b, with broadcasting", vjp=_where_vjp, lowering={"expr": "({1} if {0} else {2})"}))
 
 # ---- unary math and activations ----------------------------------------------------------
 def _scale(ctx, g, factor: Value, rule: str) -> list:
@@ -212,17 +217,17 @@ def _leaky_relu_vjp(ctx, g):
     return [ctx.emit("where", mask, g, small, rule=f"g if x > 0 else {alpha} g")]
 
 
-_unary("neg", np.negative, allowed=NUMERIC, doc="-x", vjp=_neg_vjp)
-_unary("abs", np.abs, allowed=NUMERIC, doc="|x|", vjp=_abs_vjp)
-_unary("exp", np.exp, doc="e^x", vjp=_exp_vjp)
-_unary("log", np.log, doc="natural logarithm", vjp=_log_vjp)
-_unary("sqrt", np.sqrt, doc="square root", vjp=_sqrt_vjp)
-_unary("rsqrt", lambda x: 1.0 / np.sqrt(x), doc="1 / sqrt(x)", vjp=_rsqrt_vjp)
-_unary("tanh", np.tanh, doc="hyperbolic tangent", vjp=_tanh_vjp)
-_unary("erf", special.erf, doc="error function", vjp=_erf_vjp)
-_unary("sigmoid", special.expit, doc="1 / (1 + e^-x)", vjp=_sigmoid_vjp)
-_unary("relu", lambda x: np.maximum(x, 0), doc="max(x, 0)", vjp=_relu_vjp)
-_unary("leaky_relu", lambda x, alpha: np.where(x > 0, x, alpha * x),
+_unary("neg", np.negative, "(-{0})", allowed=NUMERIC, doc="-x", vjp=_neg_vjp)
+_unary("abs", np.abs, "abs({0})", allowed=NUMERIC, doc="|x|", vjp=_abs_vjp)
+_unary("exp", np.exp, "math.exp({0})", doc="e^x", vjp=_exp_vjp)
+_unary("log", np.log, "math.log({0})", doc="natural logarithm", vjp=_log_vjp)
+_unary("sqrt", np.sqrt, "math.sqrt({0})", doc="square root", vjp=_sqrt_vjp)
+_unary("rsqrt", lambda x: 1.0 / np.sqrt(x), "({F}(1.0) / math.sqrt({0}))", doc="1 / sqrt(x)", vjp=_rsqrt_vjp)
+_unary("tanh", np.tanh, "fast_tanh({0})", doc="hyperbolic tangent", vjp=_tanh_vjp)
+_unary("erf", special.erf, "math.erf({0})", doc="error function", vjp=_erf_vjp)
+_unary("sigmoid", special.expit, "sigmoid({0})", doc="1 / (1 + e^-x)", vjp=_sigmoid_vjp)
+_unary("relu", lambda x: np.maximum(x, 0), "({F}(0.0) if {0} < {F}(0.0) else {0})", doc="max(x, 0)", vjp=_relu_vjp)
+_unary("leaky_relu", lambda x, alpha: np.where(x > 0, x, alpha * x), "({0} if {0} > {F}(0.0) else {F}({alpha}) * {0})",
        attrs={"alpha": Attr("float", 0.01)}, doc="x if x > 0 else alpha * x", vjp=_leaky_relu_vjp)
 
 GELU_TANH_C = math.sqrt(2.0 / math.pi)
@@ -263,7 +268,8 @@ def _gelu_vjp(ctx, g):
 _GELU_ATTRS = {"approximate": Attr("str", "none", "'none' (erf) or 'tanh'")}
 register(OpDef("gelu", "elementwise", _gelu_infer,
                lambda x, approximate: gelu_ref(x, approximate).astype(x.dtype, copy=False),
-               arity=1, attrs=_GELU_ATTRS, doc="x * Phi(x), exact (erf) or tanh approximation", vjp=_gelu_vjp))
+               arity=1, attrs=_GELU_ATTRS, doc="x * Phi(x), exact (erf) or tanh approximation", vjp=_gelu_vjp,
+               lowering={"expr": "gelu_{approximate}({0})"}))
 
 
 def _gelu_grad_infer(x: TensorType, g: TensorType, approximate: str) -> TensorType:
@@ -278,6 +284,7 @@ def _gelu_grad_infer(x: TensorType, g: TensorType, approximate: str) -> TensorTy
 
 register(OpDef("gelu_grad", "elementwise", _gelu_grad_infer, gelu_grad_ref, arity=2, attrs=_GELU_ATTRS,
                doc="g * gelu'(x): the backward of gelu as one elementwise op",
+               lowering={"expr": "gelu_grad_{approximate}({0}, {1})"},
                nondiff="a backward op: gradients of gradients are not supported"))
 
 
@@ -292,7 +299,8 @@ def _cast_vjp(ctx, g):
 
 
 register(OpDef("cast", "elementwise", _cast_infer, lambda x, dtype: x.astype(dtype.np), arity=1,
-               attrs={"dtype": Attr("dtype")}, doc="convert to another dtype", vjp=_cast_vjp))
+               attrs={"dtype": Attr("dtype")}, doc="convert to another dtype", vjp=_cast_vjp,
+               lowering={"expr": "{OUT}({0})"}))
 
 
 def _const_infer(*, value: float, dtype: DType, shape) -> TensorType:
@@ -306,4 +314,5 @@ def _const_ref(*, value: float, dtype: DType, shape):
 
 register(OpDef("const", "source", _const_infer, _const_ref, arity=0,
                attrs={"value": Attr("float"), "dtype": Attr("dtype", DType.f32), "shape": Attr("dims", ())},
-               doc="a tensor filled with one value", nondiff="a constant has no inputs"))
+               doc="a tensor filled with one value", nondiff="a constant has no inputs",
+               lowering={"expr": "{OUT}({value})"}))

@@ -55,5 +55,6 @@ register(OpDef("dropout", "elementwise", _dropout_infer, dropout_ref, arity=2,
                attrs={"p": Attr("float"), "seed": Attr("int"), "stream": Attr("int")},
                doc="zero each element with probability p and scale the rest by 1/(1-p); the mask is "
                    "counter_uniform(seed, stream, step) >= p",
+               lowering={"expr": "dropout({0}, {1}, {idx}, {seed}, {stream}, {F}({p}))"},
                vjp=lambda ctx, g: [ctx.emit("dropout", g, ctx.inputs[1], rule="g * the same mask / (1 - p)",
                                             **ctx.attrs), None]))

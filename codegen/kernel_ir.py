@@ -1,0 +1,244 @@
+"""Kernel IR: each fused kernel of a graph as loops over an index space with scalar statements.
+
+Backend-neutral: a backend prints it (``codegen/cpu.py`` as Numba ``@njit`` source). A kernel
+reads *buffers* (graph arguments and values written by earlier kernels) through ``Access``es
+that say which loop axis indexes each operand axis (broadcasting is an axis without a loop
+index), computes *locals* with scalar statements built from the ops' lowering templates, and
+writes the values other kernels or the caller need.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from gradfuse.errors import GradfuseError
+from gradfuse.ir.graph import Graph, Node, Value
+from gradfuse.ir.registry import get_op
+from gradfuse.ir.types import DType, TensorType
+from gradfuse.passes.fusion import role
+
+from .scalar_lib import specialise
+
+CTOR = {DType.f32: "f32", DType.f64: "f64", DType.i32: "i32", DType.i64: "i64", DType.bool: "b1"}
+
+
+class CodegenError(GradfuseError):
+    """A graph uses something the code generator cannot lower yet."""
+
+
+@dataclass(frozen=True)
+class Access:
+    """Reading ``value`` inside a loop over a space of rank ``rank``: operand axis k is indexed
+    by loop axis ``axes[k]``, or by 0 where ``axes[k]`` is None (a broadcast size-1 axis)."""
+
+    value: Value
+    axes: tuple[int | None, ...]
+
+
+@dataclass
+class Stmt:
+    local: str
+    expr: str
+    node: Node
+
+
+@dataclass
+class Loop:
+    """An elementwise loop over ``space``: loads, statements in order, then stores."""
+
+    space: tuple  # dims: int or symbol name
+    loads: list[tuple[str, Access]] = field(default_factory=list)
+    stmts: list[Stmt] = field(default_factory=list)
+    stores: list[tuple[Value, str]] = field(default_factory=list)
+    uses_index: bool = False  # the statements read the flat element index `idx` (dropout masks)
+
+
+@dataclass
+class Kernel:
+    name: str
+    kind: str  # elementwise | gemm | reduction | row | opaque
+    nodes: list[Node]
+    reads: list[Value]  # buffers read
+    writes: list[Value]  # buffers written
+    consts: dict[str, str]  # local -> literal expression (scalar constants, element counts)
+    anchors: list[Node] = field(default_factory=list)
+    prologue: Loop | None = None  # over the anchor's input space (reductions, row ops)
+    epilogue: Loop | None = None  # over the anchor's output space (or the whole kernel, if no anchor)
+    gemm_dest: Value | None = None  # where the GEMM writes (its own buffer or an epilogue output's)
+
+
+@dataclass
+class KernelProgram:
+    graph: Graph
+    kernels: list[Kernel]
+    schedule: list[Kernel | Node]  # kernels and kernel-less nodes (views) in order
+    buffers: list[Value]  # values that live in memory between kernels (not arguments)
+    symbols: list[str]  # batch-size symbols, bound from the arguments at run time
+
+
+def local_name(v: Value) -> str:
+    return "v_" + re.sub(r"[^A-Za-z0-9_]", "_", v.name)
+
+
+def float_ctor(node: Node) -> str:
+    types = [v.type.dtype for v in node.outputs + node.inputs]
+    return CTOR[next((t for t in types if t.is_float), DType.f32)]
+
+
+def _literal(value: float, dtype: DType) -> str:
+    if dtype.is_float:
+        return f"{CTOR[dtype]}({float(value)!r})"
+    if dtype is DType.bool:
+        return "True" if value else "False"
+    return f"{CTOR[dtype]}({int(value)})"
+
+
+class Lowering:
+    def __init__(self, g: Graph):
+        self.g = g
+        self.producer = g.producers()
+        self.users = g.users()
+        outs = set(g.outputs) | {new for _, new in g.updates}
+        self.kernel_of = {n: n.kernel for n in g.nodes}
+        self.materialized: set[Value] = {v for _, v in g.args}
+        for n in g.nodes:
+            for v in n.outputs:
+                if role(n) == "view" or v in outs or any(self.kernel_of[u] != n.kernel or n.kernel is None
+                                                         for u in self.users[v]):
+                    if role(n) != "immediate":
+                        self.materialized.add(v)
+        self.symbols = sorted({s for _, v in g.args for s in v.type.symbols})
+
+    def immediate(self, v: Value) -> str | None:
+        """A literal or shape expression for a scalar constant or an element count."""
+        n = self.producer.get(v)
+        if n is None or role(n) != "immediate":
+            return None
+        if n.op == "const":
+            return _literal(n.attrs["value"], n.attrs["dtype"])
+        dims = [n.inputs[0].type.shape[a] for a in n.attrs["axes"]]  # count
+        return f"{CTOR[v.type.dtype]}({' * '.join(str(d) for d in dims) or '1'})"
+
+    def expr(self, n: Node, operands: list[str]) -> str:
+        opdef = get_op(n.op)
+        if "expr" not in opdef.lowering:
+            raise CodegenError(f"no scalar lowering for {n.op} (%{n.outputs[0].name})")
+        ftype = float_ctor(n)
+        fields = {k: (v.value if isinstance(v, DType) else v) for k, v in n.attrs.items()}
+        text = opdef.lowering["expr"].format(*operands, F=ftype, OUT=CTOR[n.outputs[0].type.dtype], idx="idx",
+                                             **fields)
+        return specialise(text, ftype)
+
+    def loop(self, space: tuple, nodes: list[Node], kernel_nodes: set[Node], consts: dict[str, str],
+             stores_to: list[Value] | None = None) -> Loop:
+        """An elementwise loop computing ``nodes`` over ``space``; operands made inside the
+        kernel are locals, others are loads (broadcast into ``space``) or constants."""
+        loop = Loop(tuple(space))
+        loaded: dict[Value, str] = {}
+        for n in nodes:
+            operands = []
+            for v in n.inputs:
+                p = self.producer.get(v)
+                imm = self.immediate(v)
+                if imm is not None:
+                    consts.setdefault(local_name(v), imm)
+                    operands.append(local_name(v))
+                elif p in kernel_nodes and p in nodes[: nodes.index(n)] or (p in kernel_nodes and p not in nodes):
+                    operands.append(local_name(v))
+                else:
+                    if v not in loaded:
+                        loaded[v] = local_name(v)
+                        loop.loads.append((local_name(v), self.access(v, space)))
+                    operands.append(loaded[v])
+            loop.stmts.append(Stmt(local_name(n.outputs[0]), self.expr(n, operands), n))
+            loop.uses_index |= "{idx}" in get_op(n.op).lowering.get("expr", "")
+        for n in nodes:
+            for v in n.outputs:
+                if v in self.materialized and (stores_to is None or v in stores_to):
+                    loop.stores.append((v, local_name(v)))
+        return loop
+
+    def access(self, v: Value, space: tuple) -> Access:
+        rank, k = len(space), v.type.rank
+        if k > rank:
+            raise CodegenError(f"%{v.name}: {v.type} does not broadcast into {list(space)}")
+        axes = []
+        for j, d in enumerate(v.type.shape):
+            loop_axis = rank - k + j
+            axes.append(None if d == 1 and space[loop_axis] != 1 else loop_axis)
+        return Access(v, tuple(axes))
+
+    def kernel(self, name: str, nodes: list[Node]) -> Kernel:
+        inside = set(nodes)
+        produced = {v for n in nodes for v in n.outputs}
+        reads = list(dict.fromkeys(v for n in nodes for v in n.inputs
+                                   if v not in produced and self.immediate(v) is None))
+        writes = [v for v in produced if v in self.materialized]
+        consts: dict[str, str] = {}
+        anchors = [n for n in nodes if role(n) in ("gemm", "reduction", "row", "opaque")]
+        kind = role(anchors[0]) if anchors else "elementwise"
+        k = Kernel(name, kind, nodes, reads, writes, consts, anchors)
+        if kind == "opaque":
+            assert len(nodes) == 1
+            return k
+        if not anchors:
+            k.epilogue = self.loop(nodes[-1].outputs[0].type.shape, nodes, inside, consts)
+            return k
+        anchor_set = set(anchors)
+        before = self._upstream(anchors, inside)
+        pro = [n for n in nodes if n in before and n not in anchor_set]
+        epi = [n for n in nodes if n not in before and n not in anchor_set]
+        if pro:
+            k.prologue = self.loop(anchors[0].inputs[0].type.shape, pro, inside, consts)
+        if epi:
+            k.epilogue = self.loop(anchors[0].outputs[0].type.shape, epi, inside, consts)
+        if kind == "gemm":
+            mm = anchors[0].outputs[0]
+            same = [v for v in writes if v.type == mm.type]
+            k.gemm_dest = mm if mm in self.materialized else (same[0] if same else None)
+        return k
+
+    def _upstream(self, anchors: list[Node], inside: set[Node]) -> set[Node]:
+        """Kernel nodes that an anchor reads, directly or through other kernel nodes."""
+        seen: set[Node] = set()
+        stack = [self.producer[v] for a in anchors for v in a.inputs if self.producer.get(v) in inside]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.extend(self.producer[v] for v in n.inputs if self.producer.get(v) in inside)
+        return seen
+
+
+def lower(g: Graph) -> KernelProgram:
+    """The kernel program of a fused graph (unfused nodes become one-node kernels)."""
+    lw = Lowering(g)
+    kernels: list[Kernel] = []
+    schedule: list[Kernel | Node] = []
+    groups: dict[str, list[Node]] = {}
+    for n in g.nodes:
+        r = role(n)
+        if r == "immediate":
+            continue
+        if r == "view":
+            schedule.append(n)
+            continue
+        key = n.kernel or f"node.{n.outputs[0].name}"
+        if key not in groups:
+            groups[key] = []
+            schedule.append(key)
+        groups[key].append(n)
+    for i, item in enumerate(schedule):
+        if isinstance(item, str):
+            k = lw.kernel(f"k{len(kernels)}", groups[item])
+            kernels.append(k)
+            schedule[i] = k
+    args = {v for _, v in g.args}
+    buffers = [v for n in g.nodes for v in n.outputs if v in lw.materialized and v not in args]
+    return KernelProgram(g, kernels, schedule, buffers, lw.symbols)
+
+
+def buffer_type(v: Value) -> TensorType:
+    return v.type

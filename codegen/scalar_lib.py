@@ -1,0 +1,120 @@
+"""Scalar helper functions used by the ops' lowering templates (``fast_tanh``, ``gelu_tanh``, ...).
+
+Written once, for every backend and float type: a backend copies the source of the helpers a
+program uses into the generated module, with ``F`` replaced by the float type's constructor
+(``f32``/``f64``) and each helper's name suffixed by it (``fast_tanh_f32``), under its own
+decorator (``@njit`` on the CPU, ``@cuda.jit(device=True)`` for CUDA). Typed literals matter:
+Numba computes ``0.5 * x`` in float64 even when ``x`` is float32.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math  # noqa: F401  (used by the helpers' source)
+import re
+
+F = float  # the float type's constructor; the backends substitute f32 or f64 (and Python runs them as is)
+
+
+def fast_tanh(x):
+    """Eigen's rational approximation (float32 error ~1e-7 absolute), clamped at ±7.9053: a
+    polynomial in x over a polynomial in x², which vectorises, unlike a call to libm's tanh."""
+    c = min(max(x, F(-7.90531110763549805)), F(7.90531110763549805))
+    c2 = c * c
+    p = c2 * F(-2.76076847742355e-16) + F(2.00018790482477e-13)
+    p = p * c2 + F(-8.60467152213735e-11)
+    p = p * c2 + F(5.12229709037114e-08)
+    p = p * c2 + F(1.48572235717979e-05)
+    p = p * c2 + F(6.37261928875436e-04)
+    p = p * c2 + F(4.89352455891786e-03)
+    q = c2 * F(1.19825839466702e-06) + F(1.18534705686654e-04)
+    q = q * c2 + F(2.26843463243900e-03)
+    q = q * c2 + F(4.89352518554385e-03)
+    return c * p / q
+
+
+def sigmoid(x):
+    """σ(x) = (1 + tanh(x/2)) / 2: no overflow for large |x|, and vectorises."""
+    return F(0.5) + F(0.5) * fast_tanh(F(0.5) * x)
+
+
+def gelu_tanh(x):
+    return F(0.5) * x * (F(1.0) + fast_tanh(F(0.7978845608028654) * (x + F(0.044715) * x * x * x)))
+
+
+def gelu_none(x):
+    return F(0.5) * x * (F(1.0) + math.erf(x * F(0.7071067811865476)))
+
+
+def gelu_grad_tanh(x, g):
+    t = fast_tanh(F(0.7978845608028654) * (x + F(0.044715) * x * x * x))
+    d = F(0.5) * (F(1.0) + t) + F(0.5) * x * (F(1.0) - t * t) * F(0.7978845608028654) * (F(1.0) + F(0.134145) * x * x)
+    return g * d
+
+
+def gelu_grad_none(x, g):
+    d = F(0.5) * (F(1.0) + math.erf(x * F(0.7071067811865476))) + x * math.exp(F(-0.5) * x * x) * F(0.3989422804014327)
+    return g * d
+
+
+def hash32(x):
+    """Wellons' lowbias32 in int64 arithmetic masked to 32 bits (the same bits on every backend as
+    the numpy reference in ir/ops/random.py)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seed, stream, step, index):
+    key = hash32((seed & 0xFFFFFFFF) ^ hash32((stream * 0x9E3779B9 + step) & 0xFFFFFFFF))
+    bits = hash32((index & 0xFFFFFFFF) ^ key)
+    return F((bits >> 8) * 5.960464477539063e-08)  # 2^-24
+
+
+def dropout(x, step, index, seed, stream, p):
+    if counter_uniform(seed, stream, step, index) >= p:
+        return x / (F(1.0) - p)
+    return F(0.0)
+
+
+HELPERS = {f.__name__: f for f in (fast_tanh, sigmoid, gelu_tanh, gelu_none, gelu_grad_tanh, gelu_grad_none,
+                                   hash32, counter_uniform, dropout)}
+_CALL = re.compile(r"\b(" + "|".join(HELPERS) + r")\(")
+
+
+def specialise(expr: str, ftype: str) -> str:
+    """``fast_tanh(x)`` -> ``fast_tanh_f32(x)`` in an expression computed in ``ftype``."""
+    return _CALL.sub(lambda m: f"{m.group(1)}_{ftype}(", expr)
+
+
+def helpers_used(code: str) -> set[tuple[str, str]]:
+    """(helper, float type) pairs called in generated ``code``, including what they call."""
+    found = set(re.findall(r"\b(" + "|".join(HELPERS) + r")_(f32|f64)\(", code))
+    todo = list(found)
+    while todo:
+        name, ftype = todo.pop()
+        for callee in _CALL.findall(_body(name)):
+            if (callee, ftype) not in found:
+                found.add((callee, ftype))
+                todo.append((callee, ftype))
+    return found
+
+
+def _body(name: str) -> str:
+    return inspect.getsource(HELPERS[name])
+
+
+def helper_source(name: str, ftype: str, decorator: str) -> str:
+    """The helper's source for one float type, under ``decorator``."""
+    src = specialise(_body(name), ftype)
+    src = re.sub(rf"^def {name}_{ftype}\(|^def {name}\(", f"def {name}_{ftype}(", src, flags=re.M)
+    src = re.sub(r"\bF\(", f"{ftype}(", src)
+    return f"{decorator}\n{src}"
+
+
+def ordered_helpers(used: set[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Callees before callers, so each definition exists when the next one is compiled."""
+    order = list(HELPERS)
+    return sorted(used, key=lambda item: (order.index(item[0]), item[1]))
