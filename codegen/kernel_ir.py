@@ -176,6 +176,11 @@ class Lowering:
                                    if v not in produced and self.immediate(v) is None))
         writes = [v for v in produced if v in self.materialized]
         consts: dict[str, str] = {}
+        for n in nodes:
+            for v in n.inputs:
+                imm = self.immediate(v)
+                if imm is not None:
+                    consts.setdefault(local_name(v), imm)
         anchors = [n for n in nodes if role(n) in ("gemm", "reduction", "row", "opaque")]
         kind = role(anchors[0]) if anchors else "elementwise"
         k = Kernel(name, kind, nodes, reads, writes, consts, anchors)

@@ -1,0 +1,315 @@
+"""The Numba CPU backend: prints a kernel program as one Python module of ``@njit`` functions.
+
+Each kernel becomes a function; a generated ``step`` function calls them in schedule order, so
+running a whole program costs one dispatch from Python (the CPU analogue of a CUDA graph). The
+module is written to disk and imported under a stable name, so Numba's on-disk cache works.
+
+Kernel shapes:
+- elementwise: nested loops over the output space (outer loop ``prange`` when large);
+- gemm: ``np.dot`` (OpenBLAS through scipy) into a buffer, then the epilogue loop;
+- reduction: per output element over trailing axes (rows), or accumulating into an array in
+  input order (leading axes, e.g. bias gradients), with prologue and epilogue;
+- row: one pass per row for softmax, log_softmax, layer_norm and cross-entropy (prologue into
+  a row buffer, the op, the epilogue); other structured and layout ops use whole-tensor templates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gradfuse.ir.graph import Node, Value
+
+from . import cpu_templates
+from .kernel_ir import CTOR, Kernel, KernelProgram, Loop, local_name
+from .scalar_lib import helper_source, helpers_used, ordered_helpers
+
+PARALLEL_ELEMENTS = 1 << 16  # loops smaller than this (at N=256) run serially: prange costs ~6 µs a call
+NOMINAL_BATCH = 256
+ROW_OPS = cpu_templates.ROW_TEMPLATES
+
+
+def arr(v: Value) -> str:
+    """The array parameter holding buffer ``v``."""
+    return "b_" + local_name(v)[2:]
+
+
+def size_of(shape, symbols: dict[str, int] | None = None) -> int:
+    symbols = symbols or {}
+    return math.prod(symbols.get(d, NOMINAL_BATCH) if isinstance(d, str) else d for d in shape)
+
+
+class Writer:
+    def __init__(self):
+        self.lines: list[str] = []
+        self.depth = 0
+
+    def __call__(self, line: str = "") -> None:
+        self.lines.append("    " * self.depth + line if line else "")
+
+    def indent(self, n: int = 1) -> None:
+        self.depth += n
+
+    def dedent(self, n: int = 1) -> None:
+        self.depth -= n
+
+
+def _dim(d) -> str:
+    return str(d)
+
+
+def _index(access, ivars: list[str]) -> str:
+    parts = ["0" if a is None else ivars[a] for a in access.axes]
+    return "[" + ", ".join(parts) + "]" if parts else "[()]"
+
+
+def _flat_index(space, ivars: list[str]) -> str:
+    expr = "0"
+    for d, i in zip(space, ivars, strict=True):
+        expr = f"({expr}) * {_dim(d)} + {i}" if expr != "0" else i
+    return expr
+
+
+class KernelPrinter:
+    def __init__(self, k: Kernel, w: Writer):
+        self.k, self.w = k, w
+        self.params = [arr(v) for v in dict.fromkeys(k.reads + k.writes)]
+        self.symbols = sorted({s for v in dict.fromkeys(k.reads + k.writes) for s in v.type.symbols} |
+                              {s for n in k.nodes for v in n.outputs for s in v.type.symbols})
+
+    def signature(self) -> list[str]:
+        return self.params + self.symbols
+
+    @staticmethod
+    def arr(v: Value) -> str:
+        return arr(v)
+
+    def scalar(self, v: Value) -> str:
+        """A scalar operand: its constant's local, or element () of its buffer."""
+        local = local_name(v)
+        return local if local in self.k.consts else f"{arr(v)}[()]"
+
+    # -- loops ------------------------------------------------------------------------------
+    def loop_body(self, loop: Loop, ivars: list[str], extra: dict[str, str] | None = None) -> None:
+        """Loads, statements and stores of one element; ``extra`` maps values computed outside
+        the loop body (anchor results) to expressions."""
+        w = self.w
+        if loop.uses_index:
+            w(f"idx = {_flat_index(loop.space, ivars)}")
+        for local, expr in (extra or {}).items():
+            if local != expr:
+                w(f"{local} = {expr}")
+        for local, access in loop.loads:
+            w(f"{local} = {arr(access.value)}{_index(access, ivars)}")
+        for s in loop.stmts:
+            w(f"{s.local} = {s.expr}")
+        for v, local in loop.stores:
+            w(f"{arr(v)}{_store_index(v, loop.space, ivars)} = {local}")
+
+    def nested(self, space, parallel: bool) -> list[str]:
+        """Open loops over ``space``; returns the index variables (close with dedent)."""
+        ivars = [f"i{d}" for d in range(len(space))]
+        for d, (dim, i) in enumerate(zip(space, ivars, strict=True)):
+            rng = "prange" if parallel and d == 0 else "range"
+            self.w(f"for {i} in {rng}({_dim(dim)}):")
+            self.w.indent()
+        return ivars
+
+    def elementwise(self, loop: Loop) -> None:
+        parallel = size_of(loop.space) >= PARALLEL_ELEMENTS and len(loop.space) > 0
+        ivars = self.nested(loop.space, parallel)
+        self.loop_body(loop, ivars)
+        self.w.dedent(len(loop.space))
+
+    @property
+    def parallel(self) -> bool:
+        k = self.k
+        spaces = [lp.space for lp in (k.prologue, k.epilogue) if lp is not None]
+        if k.kind == "row" and k.anchors[0].op in ROW_OPS:
+            spaces.append(k.anchors[0].inputs[0].type.shape)
+        return any(size_of(s) >= PARALLEL_ELEMENTS and len(s) > 0 for s in spaces)
+
+    # -- kernel kinds -------------------------------------------------------------------------
+    def print(self) -> None:
+        k, w = self.k, self.w
+        for n in k.nodes:
+            where = " ".join(p for p in (str(n.loc) if n.loc else "", f"@{n.scope}" if n.scope else "") if p)
+            w(f"# %{n.outputs[0].name} = {n.op} {', '.join('%' + v.name for v in n.inputs)}"
+              + (f"  ({where})" if where else ""))
+        for local, expr in k.consts.items():
+            w(f"{local} = {expr}")
+        if k.kind == "elementwise":
+            self.elementwise(k.epilogue)
+        elif k.kind == "gemm":
+            self.gemm()
+        elif k.kind == "reduction":
+            self.reduction()
+        elif k.kind == "row" and all(a.op in ROW_OPS for a in k.anchors) and self._row_ok():
+            self.row()
+        else:
+            self.whole_tensor()
+
+    def gemm(self) -> None:
+        k, w = self.k, self.w
+        mm = k.anchors[0]
+        a, b = mm.inputs
+        out = mm.outputs[0]
+        dest = arr(k.gemm_dest) if k.gemm_dest is not None else f"t_{local_name(out)[2:]}"
+        if k.gemm_dest is None:
+            w(f"{dest} = np.empty({_shape_expr(out.type.shape)}, {CTOR[out.type.dtype]})")
+        cpu_templates.gemm(w, mm, arr(a), arr(b), dest)
+        if k.epilogue is not None:
+            loop = k.epilogue
+            ivars = self.nested(loop.space, size_of(loop.space) >= PARALLEL_ELEMENTS)
+            self.loop_body(loop, ivars, {local_name(out): f"{dest}{_store_index(out, loop.space, ivars)}"})
+            w.dedent(len(loop.space))
+
+    def reduction(self) -> None:
+        k, w = self.k, self.w
+        red = k.anchors[0]
+        x, y = red.inputs[0], red.outputs[0]
+        axes, keepdims = red.attrs.get("axes", ()), red.attrs.get("keepdims", False)
+        space = x.type.shape
+        ftype = CTOR[y.type.dtype]
+        combine = {"sum": "{a} + {b}", "mean": "{a} + {b}", "max": "max({a}, {b})"}[red.op]
+        lowest = f"{ftype}(-np.inf)" if y.type.dtype.is_float else f"{ftype}({int(np.iinfo(y.type.dtype.np).min)})"
+        identity = {"sum": f"{ftype}(0)", "mean": f"{ftype}(0)", "max": lowest}[red.op]
+        count = " * ".join(_dim(space[a]) for a in axes) or "1"
+        finish = (lambda acc: f"{acc} / {ftype}({count})") if red.op == "mean" else (lambda acc: acc)
+        kept = [i for i in range(len(space)) if i not in axes]
+        out_space = tuple(1 if i in axes else space[i] for i in range(len(space))) if keepdims else \
+            tuple(space[i] for i in kept)
+        value = self._element(x, k.prologue)
+        trailing = list(axes) == list(range(len(space) - len(axes), len(space)))
+        if trailing:  # one output element per outer index: reduce the trailing axes in place
+            outer = [space[i] for i in kept]
+            parallel = size_of(space) >= PARALLEL_ELEMENTS and len(outer) > 0
+            ivars = self.nested(outer, parallel) if outer else []
+            inner = [f"i{len(outer) + d}" for d in range(len(axes))]
+            w("acc = " + identity)
+            for d, i in zip([space[a] for a in axes], inner, strict=True):
+                w(f"for {i} in range({_dim(d)}):")
+                w.indent()
+            value(ivars + inner)
+            w("acc = " + combine.format(a="acc", b=local_name(x)))
+            w.dedent(len(axes))
+            out_ivars = [ivars[kept.index(i)] if i in kept else "0" for i in range(len(space))] if keepdims else ivars
+            self._finish_reduction(y, out_space, out_ivars, finish("acc"))
+            w.dedent(len(outer))
+        else:  # accumulate in input order (cache-friendly for leading axes), serially
+            w(f"acc = np.full({_shape_expr(out_space)}, {identity}, {ftype})")
+            ivars = self.nested(space, False)
+            value(ivars)
+            oidx = [("0" if i in axes else ivars[i]) for i in range(len(space))] if keepdims else \
+                [ivars[i] for i in kept]
+            target = "acc[" + ", ".join(oidx) + "]" if oidx else "acc[()]"
+            w(f"{target} = " + combine.format(a=target, b=local_name(x)))
+            w.dedent(len(space))
+            ivars = self.nested(out_space, size_of(out_space) >= PARALLEL_ELEMENTS)
+            self._finish_reduction(y, out_space, ivars, finish("acc" + ("[" + ", ".join(ivars) + "]" if ivars
+                                                                        else "[()]")))
+            w.dedent(len(out_space))
+
+    def _element(self, x: Value, prologue: Loop | None):
+        """A function printing the code that puts element ``x[ivars]`` in local ``v_x``."""
+
+        def emit(ivars: list[str]) -> None:
+            if prologue is not None and any(s.node.outputs[0] is x for s in prologue.stmts):
+                self.loop_body(prologue, ivars)
+            else:
+                self.w(f"{local_name(x)} = {arr(x)}[{', '.join(ivars)}]" if ivars else
+                       f"{local_name(x)} = {arr(x)}[()]")
+
+        return emit
+
+    def _finish_reduction(self, y: Value, out_space, ivars: list[str], value: str) -> None:
+        w = self.w
+        w(f"{local_name(y)} = {value}")
+        if self.k.epilogue is not None:
+            self.loop_body(self.k.epilogue, ivars, {})
+        if y in self.k.writes:
+            w(f"{arr(y)}{_store_index(y, out_space, ivars)} = {local_name(y)}")
+
+    def _row_ok(self) -> bool:
+        k = self.k
+        x = k.anchors[0].inputs[0]
+        return all(a.inputs[0] is x for a in k.anchors) and x.type.rank >= 1 and (
+            k.epilogue is None or k.epilogue.space == x.type.shape)
+
+    def row(self) -> None:
+        cpu_templates.row_kernel(self)
+
+    def whole_tensor(self) -> None:
+        cpu_templates.whole_tensor_kernel(self)
+
+
+def _shape_expr(shape) -> str:
+    return "(" + "".join(f"{_dim(d)}, " for d in shape) + ")"
+
+
+def _store_index(v: Value, space, ivars: list[str]) -> str:
+    """Index of ``v`` (whose shape broadcasts into ``space``) at loop position ``ivars``."""
+    k, rank = v.type.rank, len(space)
+    parts = []
+    for j, d in enumerate(v.type.shape):
+        axis = rank - k + j
+        parts.append("0" if d == 1 and space[axis] != 1 else ivars[axis])
+    return "[" + ", ".join(parts) + "]" if parts else "[()]"
+
+
+HEADER = '''"""Generated by gradfuse from @{name}; do not edit: {what}."""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+f32, f64, i32, i64, b1 = np.float32, np.float64, np.int32, np.int64, np.bool_
+'''
+
+
+def print_module(prog: KernelProgram, fastmath: bool = True) -> str:
+    """The whole program as Python source."""
+    g = prog.graph
+    body = Writer()
+    names: dict[str, Kernel] = {}
+    for k in prog.kernels:
+        kp = KernelPrinter(k, body)
+        parallel = kp.parallel
+        body(f"@njit(cache=True, fastmath={fastmath}, parallel={parallel}, nogil=True)")
+        body(f"def {k.name}({', '.join(kp.signature())}):")
+        body.indent()
+        kp.print()
+        body("return")
+        body.dedent()
+        body()
+        names[k.name] = k
+    # the step function: every kernel, in order
+    args = [arr(v) for _, v in g.args]
+    bufs = [arr(v) for v in prog.buffers]
+    body("@njit(cache=True, nogil=True)")
+    body(f"def step({', '.join(args + bufs)}):")
+    body.indent()
+    bound = set()
+    for _, v in g.args:
+        for axis, d in enumerate(v.type.shape):
+            if isinstance(d, str) and d not in bound:
+                body(f"{d} = {arr(v)}.shape[{axis}]")
+                bound.add(d)
+    for item in prog.schedule:
+        if isinstance(item, Node):  # a view: reshape shares the buffer
+            x, y = item.inputs[0], item.outputs[0]
+            body(f"{arr(y)} = {arr(x)}.reshape({_shape_expr(y.type.shape)})")
+        else:
+            body(f"{item.name}({', '.join(KernelPrinter(item, Writer()).signature())})")
+    for old, new in g.updates:
+        if new is not old:
+            body(f"{arr(old)}[...] = {arr(new)}" if old.type.rank else f"{arr(old)}[()] = {arr(new)}[()]")
+    body("return")
+    body.dedent()
+    code = "\n".join(body.lines)
+    helpers = [helper_source(name, ftype, f"@njit(cache=True, fastmath={fastmath}, inline='always')")
+               for name, ftype in ordered_helpers(helpers_used(code))]
+    header = HEADER.format(name=g.name, what="one training/inference step as Numba kernels")
+    return header + "\n\n" + "\n\n".join(helpers) + ("\n\n" if helpers else "") + code + "\n"
+

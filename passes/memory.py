@@ -1,0 +1,542 @@
+"""Memory planning: which values a fused graph writes to memory, when each is live, which may
+overwrite a dead operand in place, and where each lives in one arena for a given batch size.
+
+The schedule is the kernels and kernel-less nodes of the graph, in order (an unfused graph: each
+materialized node is its own kernel). A value needs a buffer when its kernel writes it to memory:
+a node of another step reads it, or it is a graph output or an update's new value. Values read
+only inside their kernel stay in registers; immediates (scalar constants, ``count``) are folded;
+a ``reshape`` is a view of its operand's buffer; arguments live in the caller's storage.
+
+A value takes over the storage of an operand that dies at its step when the kernel reads that
+operand only at the element it writes. Optimizer updates so write parameters and their state in
+place, which costs a write-after-read order: every reader of ``%w`` runs before ``%w.next``. That
+order can keep a large activation alive, so the planner also tries memory-aware schedules and
+keeps the one with the smallest arena, saying which updates it gave up and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from gradfuse.ir.graph import Graph, GraphBuilder, Node, Value
+from gradfuse.ir.types import TensorType
+
+from .fusion import role
+from .manager import Pass, PassResult, register_pass
+
+ALIGN = 64  # bytes; every arena offset is a multiple
+# Operands a non-elementwise op reads only at the index of one of its outputs, (op, output) -> operand:
+# BatchNorm updates its running statistics elementwise, so they may be updated in place.
+ALIGNED_OPERANDS = {("batch_norm_train", 1): 3, ("batch_norm_train", 2): 4}
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    name: str  # the kernel (``k3``), or the node of a kernel-less or unfused step (``%c0``, ``matmul %h``)
+    nodes: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one value lives. ``kind``: ``arena`` (a buffer of its own), ``in_place`` (the storage
+    of ``in_place_of``, dead from this step), ``view`` (``alias_of``'s storage), ``arg`` (caller's
+    storage), ``register`` (inside its kernel only), ``immediate`` (folded constant)."""
+
+    value: str
+    type: TensorType
+    kind: str
+    nbytes: int
+    first: int | None = None  # the step writing it (-1: an argument, written by the caller)
+    last: int | None = None  # the last step reading it (the last step for outputs and updates)
+    storage: str | None = None  # the arena buffer or argument holding it
+    offset: int | None = None  # its byte offset in the arena (None outside the arena)
+    alias_of: str | None = None
+    in_place_of: str | None = None
+
+
+@dataclass
+class Buffer:
+    """One arena allocation, shared by the values (views, in-place successors) listed in ``values``."""
+
+    name: str
+    type: TensorType
+    nbytes: int
+    first: int
+    last: int
+    offset: int = 0
+    values: list[str] = field(default_factory=list)
+
+    def live_with(self, other: Buffer) -> bool:
+        return self.first <= other.last and other.first <= self.last
+
+    def overlaps(self, other: Buffer) -> bool:
+        return self.offset < other.offset + other.nbytes and other.offset < self.offset + self.nbytes
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    arg: str
+    value: str
+    in_place: bool
+    why: str  # where the new value is written, and for an update not in place, why not
+
+
+@dataclass
+class MemoryPlan:
+    graph: str
+    batch: int
+    steps: list[Step]
+    values: dict[str, Placement]
+    buffers: list[Buffer]
+    updates: list[UpdatePlan]
+    peak: int  # the arena's size in bytes
+    no_reuse: int  # every value written to memory in an allocation of its own (no reuse, no in place)
+    lower_bound: int  # the most bytes of buffers live at any one step
+    schedule: str = "graph order"
+    considered: list[tuple[str, int, int]] = field(default_factory=list)  # (schedule, peak, updates in place)
+
+    @property
+    def in_place_updates(self) -> list[UpdatePlan]:
+        return [u for u in self.updates if u.in_place]
+
+    @property
+    def reordered(self) -> bool:
+        return self.schedule != "graph order"
+
+    def overlaps(self) -> list[tuple[str, str]]:
+        """Pairs of buffers live at a common step whose bytes overlap: empty for a valid plan."""
+        return [(a.name, b.name) for i, a in enumerate(self.buffers) for b in self.buffers[i + 1:]
+                if a.nbytes and b.nbytes and a.live_with(b) and a.overlaps(b)]
+
+    def render(self) -> str:
+        def live(first: int, last: int) -> str:
+            return f"{first}..{last}"
+
+        def ratio(a: int, b: int) -> str:
+            return f"{a / b:.2f}" if b else "-"
+
+        lines = [f"memory plan @{self.graph} (batch N={self.batch}): {len(self.steps)} steps, {self.schedule}",
+                 f"  arena (peak)          {self.peak:>12,} B",
+                 f"  max-live lower bound  {self.lower_bound:>12,} B   peak / bound = "
+                 f"{ratio(self.peak, self.lower_bound)}",
+                 f"  no reuse              {self.no_reuse:>12,} B   peak / no reuse = {ratio(self.peak, self.no_reuse)}"
+                 "  (every value written to memory in its own allocation)"]
+        if len(self.considered) > 1:
+            lines.append("  schedules tried: " + "; ".join(f"{name}: {peak:,} B, {n}/{len(self.updates)} updates in "
+                                                          f"place" for name, peak, n in self.considered))
+        if self.updates:
+            lines.append(f"  updates in place: {len(self.in_place_updates)} of {len(self.updates)}")
+            for u in self.updates:
+                lines.append(f"    %{u.arg} <- %{u.value}: {u.why}")
+        lines.append("  schedule: " + ", ".join(f"{s.index} {s.name}" for s in self.steps))
+        lines.append("  buffers:")
+        lines.append(f"    {'value':<36} {'type':<16} {'bytes':>10} {'offset':>10}  live steps")
+        for b in sorted(self.buffers, key=lambda b: (b.offset, b.first)):
+            lines.append(f"    %{b.name:<35} {str(b.type):<16} {b.nbytes:>10,} {b.offset:>10,}  "
+                         f"{live(b.first, b.last)}")
+            for name in b.values[1:]:
+                p = self.values[name]
+                how = f"in place of %{p.in_place_of}" if p.kind == "in_place" else f"view of %{p.alias_of}"
+                lines.append(f"      %{name} ({how}), live {live(p.first, p.last)}")
+        args_reused = [p for p in self.values.values() if p.storage is not None and p.offset is None
+                       and p.kind in ("in_place", "view")]
+        if args_reused:
+            lines.append("  in argument storage:")
+            for p in args_reused:
+                how = f"in place of %{p.in_place_of}" if p.kind == "in_place" else f"view of %{p.alias_of}"
+                lines.append(f"    %{p.value} ({how}), live {live(p.first, p.last)}")
+        return "\n".join(lines)
+
+
+# -- the schedule ---------------------------------------------------------------------------------
+def units(g: Graph) -> list[tuple[Node, ...]]:
+    """The steps of ``g`` in graph order: runs of nodes with one ``kernel``, and single nodes
+    (kernel-less ones, and every node of an unfused graph)."""
+    out: list[list[Node]] = []
+    for n in g.nodes:
+        if n.kernel is not None and out and out[-1][0].kernel == n.kernel:
+            out[-1].append(n)
+        else:
+            out.append([n])
+    return [tuple(u) for u in out]
+
+
+def _step_name(nodes: tuple[Node, ...]) -> str:
+    n = nodes[0]
+    if n.kernel is not None:
+        return n.kernel
+    return f"%{n.outputs[0].name}" if role(n) in ("immediate", "view") else f"{n.op} %{n.outputs[0].name}"
+
+
+class _Values:
+    """Facts about values that do not depend on the order of steps."""
+
+    def __init__(self, g: Graph, batch: int, steps: list[tuple[Node, ...]]):
+        self.g = g
+        self.bindings = {s: batch for v in g.values() for s in v.type.symbols}
+        self.unit_of = {n: i for i, u in enumerate(steps) for n in u}
+        self.producer = g.producers()
+        self.users = {v: [u for u in us if role(u) != "immediate"]  # immediates read shapes, not memory
+                      for v, us in g.users().items()}
+        self.args = {v for _, v in g.args}
+        self.to_end = set(g.outputs) | {new for _, new in g.updates}
+        self.update_of = {}
+        for old, new in g.updates:
+            self.update_of.setdefault(new, old)
+
+    def nbytes(self, v: Value) -> int:
+        return v.type.nbytes(self.bindings)
+
+    def source(self, v: Value) -> Value:
+        """The value whose storage ``v`` uses when in-place is left aside (follows views)."""
+        while v in self.producer and role(self.producer[v]) == "view":
+            v = self.producer[v].inputs[0]
+        return v
+
+    def stored(self, v: Value) -> bool:
+        """Whether ``v`` is written to memory by the node computing it."""
+        n = self.producer.get(v)
+        if n is None or not _materialized(n):
+            return False
+        return v in self.to_end or any(self.unit_of[u] != self.unit_of[n] for u in self.users[v])
+
+
+def _materialized(n: Node) -> bool:
+    return role(n) not in ("immediate", "view")
+
+
+# -- planning one schedule -------------------------------------------------------------------------
+class _Storage:
+    def __init__(self, name: str, nbytes: int, first: int, arena: bool):
+        self.name, self.nbytes, self.first, self.arena = name, nbytes, first, arena
+        self.values: list[Value] = []
+        self.last = first
+
+
+class _Planner:
+    def __init__(self, g: Graph, batch: int, order: list[tuple[Node, ...]]):
+        self.g, self.batch, self.order = g, batch, order
+        self.facts = _Values(g, batch, order)
+        self.storage: dict[Value, _Storage] = {}
+        self.placements: dict[str, Placement] = {}
+        self.update_why: dict[Value, str] = {}
+
+    def last_read(self, v: Value, first: int) -> int:
+        f = self.facts
+        if v in f.to_end:
+            return len(self.order) - 1
+        return max((f.unit_of[u] for u in f.users[v]), default=first)
+
+    def place(self, v: Value, s: _Storage, kind: str, first: int, **links) -> None:
+        s.values.append(v)
+        s.last = max(s.last, self.last_read(v, first))
+        self.storage[v] = s
+        self.placements[v.name] = Placement(v.name, v.type, kind, self.facts.nbytes(v), first,
+                                            self.last_read(v, first), s.name, None, **links)
+
+    def plan(self, name: str) -> MemoryPlan:
+        f = self.facts
+        for v in f.args:
+            s = _Storage(v.name, f.nbytes(v), -1, arena=False)
+            self.place(v, s, "arg", -1)
+        for i, step in enumerate(self.order):
+            for n in step:
+                for v in n.outputs:
+                    self.classify(v, n, i, step)
+        return self.finish(name)
+
+    def classify(self, v: Value, n: Node, i: int, step: tuple[Node, ...]) -> None:
+        f = self.facts
+        r = role(n)
+        if r == "view" and n.inputs[0] in self.storage:
+            self.place(v, self.storage[n.inputs[0]], "view", i, alias_of=n.inputs[0].name)
+        elif r in ("immediate", "view"):
+            self.placements[v.name] = Placement(v.name, v.type, "immediate", f.nbytes(v))
+        elif not f.stored(v):
+            self.placements[v.name] = Placement(v.name, v.type, "register", f.nbytes(v), i, i)
+        else:
+            for cand in self.candidates(v, step):
+                why = self.why_not_in_place(v, n, i, step, self.storage[cand])
+                if cand is f.update_of.get(v):
+                    self.update_why[v] = why or f"in place ({_step_name(step)})"
+                if why is None:
+                    self.place(v, self.storage[cand], "in_place", i, in_place_of=cand.name)
+                    return
+            self.place(v, _Storage(v.name, f.nbytes(v), i, arena=True), "arena", i)
+
+    def candidates(self, v: Value, step: tuple[Node, ...]) -> list[Value]:
+        """Storage ``v`` may take over: its update's argument, then the arena buffers its kernel reads."""
+        out = [self.facts.update_of[v]] if v in self.facts.update_of else []
+        for m in step:
+            for x in m.inputs:
+                s = self.storage.get(x)
+                if s is not None and s.arena and all(self.storage[c] is not s for c in out):
+                    out.append(x)
+        return out
+
+    def why_not_in_place(self, y: Value, n: Node, i: int, step: tuple[Node, ...], s: _Storage) -> str | None:
+        """None if ``y`` (written by ``n`` at step ``i``) may overwrite storage ``s``, else why not."""
+        f = self.facts
+        here = _step_name(step)
+        if s.nbytes != f.nbytes(y):
+            return f"%{s.name} has {s.nbytes:,} B, %{y.name} {f.nbytes(y):,} B"
+        for x in s.values:
+            if x in f.to_end:
+                return f"%{x.name} is a graph output" if x in f.g.outputs else \
+                    f"%{x.name} is itself an update's new value"
+        if s.last > i:
+            x, u = max(((x, u) for x in s.values for u in f.users[x]), key=lambda xu: f.unit_of[xu[1]])
+            return (f"%{x.name} is read by {_step_name(self.order[f.unit_of[u]])} (step {f.unit_of[u]}) after "
+                    f"{here} (step {i}) writes %{y.name}")
+        position = {m: k for k, m in enumerate(step)}
+        readers = [(m, x) for m in step for x in dict.fromkeys(m.inputs) if self.storage.get(x) is s]
+        if not readers:
+            return None
+        if not (_aligned(n, y, None) or any(_aligned(n, y, x) for x in n.inputs if self.storage.get(x) is s)):
+            return f"{here} reads %{s.name} and computes %{y.name} with {n.op}, not elementwise"
+        for m, x in readers:
+            if position[m] > position[n]:
+                return f"in {here}, {m.op} %{m.outputs[0].name} reads %{x.name} after %{y.name} is written"
+            if not _aligned(m, y, x, n):
+                return f"{here} reads %{x.name} in {m.op} %{m.outputs[0].name}, not at the index it writes"
+            for d in self.descendants(m, x, step):
+                if not _aligned(d, y, None):
+                    return f"in {here}, %{x.name} flows into {d.op} %{d.outputs[0].name}, not elementwise"
+        return None
+
+    def descendants(self, m: Node, x: Value, step: tuple[Node, ...]) -> list[Node]:
+        """Nodes of ``step`` computed from what ``m`` reads of ``x``."""
+        aligned = [v for k, v in enumerate(m.outputs)
+                   if (m.op, k) in ALIGNED_OPERANDS and m.inputs[ALIGNED_OPERANDS[m.op, k]] is x]
+        outs = m.outputs if role(m) == "elementwise" else aligned
+        inside, out, stack = set(step), [], list(outs)
+        while stack:
+            for u in self.facts.users[stack.pop()]:
+                if u in inside and u not in out:
+                    out.append(u)
+                    stack.extend(u.outputs)
+        return out
+
+    def finish(self, name: str) -> MemoryPlan:
+        f = self.facts
+        storages = list(dict.fromkeys(self.storage.values()))
+        buffers = [Buffer(s.name, s.values[0].type, s.nbytes, s.first, s.last, 0, [v.name for v in s.values])
+                   for s in storages if s.arena]
+        peak = assign_offsets(buffers)
+        offsets = {b.name: b.offset for b in buffers}
+        values = {}
+        for v in self.g.values():
+            p = self.placements[v.name]
+            if p.storage in offsets:
+                p = dataclasses.replace(p, offset=offsets[p.storage])
+            values[v.name] = p
+        steps = [Step(i, _step_name(u), u) for i, u in enumerate(self.order)]
+        lower = max((sum(b.nbytes for b in buffers if b.first <= i <= b.last) for i in range(len(steps))), default=0)
+        no_reuse = sum(p.nbytes for p in values.values() if p.kind in ("arena", "in_place"))
+        updates = []
+        for old, new in self.g.updates:
+            p = values[new.name]
+            in_place = p.kind == "in_place" and p.in_place_of == old.name
+            if in_place:
+                why = self.update_why.get(new, "in place")
+            elif new in self.update_why:
+                why = f"not in place: {self.update_why[new]}; copied into %{old.name} at the end"
+            elif p.kind == "in_place" and old is not f.update_of.get(new):
+                why = f"not in place: %{new.name} is also the new value of %{f.update_of[new].name}"
+            else:
+                why = f"not in place: %{new.name} is {_kind_words(p)}; copied into %{old.name} at the end"
+            updates.append(UpdatePlan(old.name, new.name, in_place, why))
+        return MemoryPlan(self.g.name, self.batch, steps, values, buffers, updates, peak, no_reuse, lower, name)
+
+
+def _kind_words(p: Placement) -> str:
+    return {"view": f"a view of %{p.alias_of}", "arg": "an argument", "immediate": "an immediate",
+            "in_place": f"in place of %{p.in_place_of}"}.get(p.kind, "computed out of place")
+
+
+def _aligned(m: Node, y: Value, x: Value | None, writer: Node | None = None) -> bool:
+    """Whether node ``m`` reads ``x`` (or, with ``x`` None, its operands) only at the element index
+    of ``y``: elementwise over ``y``'s shape with ``x`` not broadcast, or a declared aligned operand."""
+    if writer is None or m is writer:
+        for k, v in enumerate(m.outputs):
+            j = ALIGNED_OPERANDS.get((m.op, k))
+            if j is not None and m.inputs[j] is x and v is y:
+                return True
+    if role(m) != "elementwise" or m.outputs[0].type.shape != y.type.shape:
+        return False
+    return x is None or x.type.shape == y.type.shape
+
+
+# -- offsets ---------------------------------------------------------------------------------------
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _first_fit(buffers: list[Buffer], order: list[Buffer]) -> int:
+    placed: list[Buffer] = []
+    for b in order:
+        busy = sorted((p for p in placed if p.live_with(b) and p.nbytes), key=lambda p: p.offset)
+        offset = 0
+        for p in busy:
+            if offset + b.nbytes <= p.offset or not b.nbytes:
+                break
+            offset = max(offset, _align(p.offset + p.nbytes))
+        b.offset = offset
+        placed.append(b)
+    return max((b.offset + b.nbytes for b in buffers), default=0)
+
+
+def assign_offsets(buffers: list[Buffer]) -> int:
+    """Offsets for ``buffers`` (64-byte aligned); returns the arena size. Buffers live at a common
+    step never overlap. First fit over a few orders (largest first, longest-lived first, by
+    birth); the smallest arena wins."""
+    orders = [sorted(buffers, key=lambda b: (-b.nbytes, b.first, b.name)),
+              sorted(buffers, key=lambda b: (-(b.last - b.first), -b.nbytes, b.first)),
+              sorted(buffers, key=lambda b: (b.first, -b.nbytes))]
+    best, best_peak = None, None
+    for order in orders:
+        peak = _first_fit(buffers, order)
+        if best_peak is None or peak < best_peak:
+            best, best_peak = {b.name: b.offset for b in buffers}, peak
+    for b in buffers:
+        b.offset = best[b.name]
+    return best_peak or 0
+
+
+# -- choosing a schedule ---------------------------------------------------------------------------
+class _Scheduler:
+    """Topological orders of the steps that run next the step growing live memory least (frees
+    the most), ties in graph order. Updates in ``keep`` get write-after-read edges: every reader
+    of the argument runs before the step writing its new value, so the update can be in place."""
+
+    def __init__(self, g: Graph, batch: int, steps: list[tuple[Node, ...]]):
+        self.g, self.steps = g, steps
+        f = self.facts = _Values(g, batch, steps)
+        self.deps: dict[int, set[int]] = {i: set() for i in range(len(steps))}
+        for i, u in enumerate(steps):
+            for n in u:
+                self.deps[i].update(f.unit_of[f.producer[v]] for v in n.inputs if v in f.producer)
+            self.deps[i].discard(i)
+        self.readers: dict[Value, set[int]] = {}  # storage source -> steps reading it
+        for v, us in f.users.items():
+            self.readers.setdefault(f.source(v), set()).update(f.unit_of[u] for u in us)
+        self.created = {i: [v for n in u for v in n.outputs if f.stored(v)] for i, u in enumerate(steps)}
+
+    def writer(self, update: tuple[Value, Value]) -> int | None:
+        p = self.facts.producer.get(update[1])
+        return None if p is None else self.facts.unit_of[p]
+
+    def constraining(self) -> list[tuple[Value, Value]]:
+        """Updates whose write-after-read edges may delay their step past some reader of a buffer."""
+        out = []
+        for upd in self.g.updates:
+            w = self.writer(upd)
+            if w is not None and any(not _reaches(self.deps, r, w) for r in self.readers.get(upd[0], ()) - {w}):
+                out.append(upd)
+        return out
+
+    def order(self, keep: list[tuple[Value, Value]]) -> list[int]:
+        f = self.facts
+        deps = {i: set(d) for i, d in self.deps.items()}
+        for upd in keep:
+            w = self.writer(upd)
+            for r in sorted(self.readers.get(upd[0], ()) - {w}) if w is not None else ():
+                if not _reaches(deps, w, r):
+                    deps[w].add(r)
+        pending = {src: set(rs) for src, rs in self.readers.items()}
+        live: set[Value] = set()  # stored values written by the steps done
+        done: set[int] = set()
+        order: list[int] = []
+
+        def growth(i: int) -> int:
+            grown = sum(f.nbytes(v) for v in self.created[i]
+                        if v not in f.update_of or pending.get(f.update_of[v], set()) - {i})
+            return grown - sum(f.nbytes(v) for v in live if pending[v] == {i} and v not in f.to_end)
+
+        while len(order) < len(self.steps):
+            ready = [i for i in range(len(self.steps)) if i not in done and deps[i] <= done]
+            best = min(ready, key=lambda i: (growth(i), i))
+            order.append(best)
+            done.add(best)
+            for rs in pending.values():
+                rs.discard(best)
+            live.update(v for v in self.created[best] if v in pending)
+        return order
+
+
+def _reaches(deps: dict[int, set[int]], a: int, b: int) -> bool:
+    """Whether step ``b`` depends (transitively) on step ``a``."""
+    stack, seen = [b], set()
+    while stack:
+        i = stack.pop()
+        if i == a:
+            return True
+        if i not in seen:
+            seen.add(i)
+            stack.extend(deps[i])
+    return False
+
+
+def plan_memory(g: Graph, batch: int = 256, reorder: bool = True) -> MemoryPlan:
+    """Plan the memory of ``g`` at batch size ``batch``; ``plan.steps`` is the order to run.
+
+    With ``reorder``, a memory-aware schedule keeping every update in place is tried besides the
+    graph's order, then each update's write-after-read order is given up in turn where that
+    shrinks the arena (an update out of place costs its size; the activation it kept alive, more).
+    The smallest arena wins, then the most updates in place, then graph order."""
+    steps = units(g)
+
+    def plan(order: list[int], name: str) -> MemoryPlan:
+        return _Planner(g, batch, [steps[i] for i in order]).plan(name)
+
+    plans = [plan(list(range(len(steps))), "graph order")]
+    if reorder:
+        sched = _Scheduler(g, batch, steps)
+        updates = sched.constraining()
+        plans.append(plan(sched.order(updates), "memory-aware order keeping updates in place"))
+        for start in (updates, []):  # local search from both ends: give up or restore one order at a time
+            keep, best = list(start), plan(sched.order(start), "memory-aware order")
+            improved = True
+            while improved:
+                improved = False
+                for upd in updates:
+                    trial_keep = [u for u in updates if (u in keep) != (u is upd)]
+                    trial = plan(sched.order(trial_keep), "memory-aware order")
+                    if _cost(trial) < _cost(best):
+                        keep, best, improved = trial_keep, trial, True
+            if all(_cost(best) != _cost(p) for p in plans):
+                plans.append(best)
+    chosen = min(plans, key=_cost)
+    chosen.considered = [(p.schedule, p.peak, len(p.in_place_updates)) for p in plans]
+    return chosen
+
+
+def _cost(p: MemoryPlan) -> tuple[int, int]:
+    return p.peak, -len(p.in_place_updates)
+
+
+def scheduled(g: Graph, plan: MemoryPlan) -> Graph:
+    """``g`` with its nodes in the plan's order (``g`` itself when the order is unchanged)."""
+    nodes = [n for s in plan.steps for n in s.nodes]
+    if nodes == g.nodes:
+        return g
+    b = GraphBuilder.extend(Graph(g.name, g.args, [], g.outputs, g.updates))
+    for n in nodes:
+        b.add_node(n)
+    return b.finish(g.outputs, g.updates)
+
+
+@register_pass
+@dataclass(frozen=True)
+class MemoryPlanPass(Pass):
+    """Plan buffers, in-place updates and arena offsets; the graph comes back in the plan's order."""
+
+    name = "memory-plan"
+    batch: int = 256  # the batch size N the arena is sized for
+    reorder: bool = True  # try memory-aware schedules besides the graph's order
+
+    def run(self, graph: Graph) -> PassResult:
+        plan = plan_memory(graph, self.batch, self.reorder)
+        return PassResult(scheduled(graph, plan), plan.render(), plan)

@@ -1,0 +1,140 @@
+"""A compiled program: generated kernels on disk, buffers, and a checked entry point.
+
+``Program.run(feeds)`` checks every argument against the graph's signature (dtype, shape,
+layout, index ranges) before any kernel runs, binds the batch size, reuses the buffers made
+for that batch size, and calls the generated ``step`` function once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gradfuse.codegen.cpu import arr, print_module
+from gradfuse.codegen.kernel_ir import KernelProgram, lower
+from gradfuse.errors import InputError
+from gradfuse.ir.graph import ArgKind, Graph, Value
+
+DEFAULT_CACHE = os.environ.get("GRADFUSE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gradfuse"))
+
+
+def load_module(source: str, cache_dir: str, stem: str):
+    """Write ``source`` to ``cache_dir/stem_HASH.py`` (once) and import it under a stable name,
+    so Numba's on-disk cache (``cache=True``) finds its compiled kernels next time."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    name = f"gf_{stem}_{digest}"
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f"{name}.py")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(source)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees all of it or nothing
+    module_name = f"gradfuse_kernels.{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name], path
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module, path
+
+
+@dataclass
+class Program:
+    graph: Graph
+    kernels: KernelProgram
+    source: str
+    path: str
+    module: object
+    compile_seconds: float = 0.0
+    _buffers: dict[tuple, list[np.ndarray]] = field(default_factory=dict)
+
+    @classmethod
+    def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, warm: bool = False) -> Program:
+        start = time.perf_counter()
+        kernels = lower(graph)
+        source = print_module(kernels)
+        module, path = load_module(source, cache_dir, graph.name)
+        prog = cls(graph, kernels, source, path, module)
+        prog.compile_seconds = time.perf_counter() - start
+        return prog
+
+    # -- checks at the boundary -----------------------------------------------------------
+    def bind(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, int], list[np.ndarray]]:
+        """Check ``feeds`` against the signature; returns the symbol sizes and the argument
+        arrays in order (converted where users expect it: Python numbers, lists)."""
+        g = self.graph
+        missing = [v.name for _, v in g.args if v.name not in feeds]
+        if missing:
+            raise InputError(f"@{g.name}: missing {', '.join(missing)}")
+        sizes: dict[str, int] = {}
+        arrays = []
+        for kind, v in g.args:
+            a = feeds[v.name]
+            if not isinstance(a, np.ndarray):
+                a = np.asarray(a, dtype=v.type.dtype.np)
+            if a.dtype != v.type.dtype.np:
+                raise InputError(f"%{v.name} ({kind.value}) expects {v.type}, got an array of dtype {a.dtype} "
+                                 f"(convert it with .astype(np.{v.type.dtype.np.name}))")
+            if a.ndim != v.type.rank:
+                raise InputError(f"%{v.name} ({kind.value}) expects {v.type}, got shape {list(a.shape)}")
+            for want, got in zip(v.type.shape, a.shape, strict=True):
+                if isinstance(want, str):
+                    if got == 0:
+                        raise InputError(f"%{v.name}: the batch is empty (shape {list(a.shape)})")
+                    if sizes.setdefault(want, got) != got:
+                        raise InputError(f"%{v.name} has {want}={got}, but an earlier input has {want}={sizes[want]}")
+                elif want != got:
+                    raise InputError(f"%{v.name} ({kind.value}) expects {v.type}, got shape {list(a.shape)}")
+            if not a.flags.c_contiguous:
+                if kind is not ArgKind.input:
+                    raise InputError(f"%{v.name} must be C-contiguous (it is updated in place)")
+                a = np.ascontiguousarray(a)
+            if kind is not ArgKind.input and not a.flags.writeable:
+                raise InputError(f"%{v.name} is read-only, but the step updates it in place")
+            arrays.append(a)
+        self._check_indices(dict(zip((v.name for _, v in g.args), arrays, strict=True)))
+        return sizes, arrays
+
+    def _check_indices(self, by_name: dict[str, np.ndarray]) -> None:
+        """Labels and ids index tables in kernels: refuse out-of-range ones before launching."""
+        for n in self.graph.nodes:
+            if n.op in ("softmax_cross_entropy", "softmax_cross_entropy_grad"):
+                ids, size, what = n.inputs[1], n.inputs[0].type.shape[-1], "labels"
+            elif n.op == "embedding":
+                ids, size, what = n.inputs[1], n.inputs[0].type.shape[0], "ids"
+            else:
+                continue
+            a = by_name.get(ids.name)
+            if a is not None and a.size and (a.min() < 0 or a.max() >= size):
+                raise InputError(f"%{ids.name}: {what} must lie in [0, {size}), got min {a.min()}, max {a.max()}")
+
+    def buffers(self, sizes: dict[str, int]) -> list[np.ndarray]:
+        key = tuple(sorted(sizes.items()))
+        if key not in self._buffers:
+            self._buffers[key] = [np.empty(v.type.concrete(sizes), v.type.dtype.np) for v in self.kernels.buffers]
+        return self._buffers[key]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run once; returns the outputs (copies). Params and state are updated in place in the
+        arrays passed in ``feeds``."""
+        sizes, arrays = self.bind(feeds)
+        bufs = self.buffers(sizes)
+        self.module.step(*arrays, *bufs)
+        values = {v: a for (_, v), a in zip(self.graph.args, arrays, strict=True)}
+        values.update(zip(self.kernels.buffers, bufs, strict=True))
+        return [values[v].copy() for v in self.graph.outputs]
+
+    def buffer_of(self, v: Value, sizes: dict[str, int]) -> np.ndarray:
+        return self.buffers(sizes)[self.kernels.buffers.index(v)]
+
+
+__all__ = ["Program", "arr"]
