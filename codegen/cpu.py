@@ -232,10 +232,12 @@ class KernelPrinter:
             w(f"{arr(y)}{_store_index(y, out_space, ivars)} = {local_name(y)}")
 
     def _row_ok(self) -> bool:
+        """One pass per row needs every anchor to read the same tensor along the same axis."""
         k = self.k
         x = k.anchors[0].inputs[0]
-        return all(a.inputs[0] is x for a in k.anchors) and x.type.rank >= 1 and (
-            k.epilogue is None or k.epilogue.space == x.type.shape)
+        axis = cpu_templates.row_axis(k.anchors[0])
+        return all(a.inputs[0] is x and cpu_templates.row_axis(a) == axis for a in k.anchors) and \
+            x.type.rank >= 1 and (k.epilogue is None or k.epilogue.space == x.type.shape)
 
     def row(self) -> None:
         cpu_templates.row_kernel(self)

@@ -168,17 +168,22 @@ ROW_TEMPLATES = {"softmax": (_row_softmax, False), "log_softmax": (_row_log_soft
                  "softmax_cross_entropy_grad": (_row_xent_grad, False)}
 
 
+def row_axis(n: Node) -> int:
+    """The axis a row op reduces: softmax's ``axis``, else the last (classes, features)."""
+    return n.attrs["axis"] if n.op in ("softmax", "log_softmax") else n.inputs[0].type.rank - 1
+
+
 def row_kernel(kp) -> None:
     """For r in rows: prologue into a row buffer, the anchors (sharing max / sum-exp / moments),
-    then the epilogue; results one scalar per row are summed over rows (a prange reduction)."""
+    then the epilogue; results one scalar per row are summed over rows (a prange reduction).
+    A row runs along ``row_axis`` (not necessarily the last): the other axes are unravelled from r."""
     k, w = kp.k, kp.w
     x = k.anchors[0].inputs[0]
-    if any(a.op in ("softmax", "log_softmax") and a.attrs["axis"] != x.type.rank - 1 for a in k.anchors):
-        raise CodegenError("softmax over an axis other than the last is not lowered yet")
-    lead_dims, c = x.type.shape[:-1], x.type.shape[-1]
+    axis = row_axis(k.anchors[0])
+    lead_dims = [d for i, d in enumerate(x.type.shape) if i != axis]
     ftype = float_ctor(k.anchors[0])
     w(f"R = {_prod(lead_dims)}")
-    w(f"C = {_dim(c)}")
+    w(f"C = {_dim(x.type.shape[axis])}")
     accs = {}
     for a in k.anchors:
         if ROW_TEMPLATES[a.op][1]:
@@ -186,26 +191,31 @@ def row_kernel(kp) -> None:
             w(f"{accs[a]} = {ftype}(0.0)")
     w(f"for r in {'prange' if kp.parallel else 'range'}(R):")
     w.indent()
-    lead = [f"i{d}" for d in range(len(lead_dims))]
+    lead = [f"i{d}" for d in range(x.type.rank) if d != axis]
     rest = "r"
-    for d in range(len(lead_dims) - 1, -1, -1):  # unravel r into the leading indices
+    for d in range(len(lead_dims) - 1, -1, -1):  # unravel r into the other indices
         w(f"{lead[d]} = {rest} % {_dim(lead_dims[d])}" if d else f"{lead[d]} = {rest}")
         if d:
             w(f"q{d} = {rest} // {_dim(lead_dims[d])}")
             rest = f"q{d}"
+    jv = f"i{axis}"
+    full = [*lead[:axis], jv, *lead[axis:]]  # the index of x[row, j] in axis order
+
+    def at(j: str) -> str:
+        return ", ".join([*lead[:axis], j, *lead[axis:]])
+
     ctx = RowCtx(kp, x, ftype)
-    jv = f"i{len(lead_dims)}"
     if k.prologue is not None:
         w(f"t_x = np.empty(C, {CTOR[x.type.dtype]})")
         w(f"for {jv} in range(C):")
         w.indent()
-        kp.loop_body(k.prologue, lead + [jv])
+        kp.loop_body(k.prologue, full)
         w(f"t_x[{jv}] = {local_name(x)}")
         w.dedent()
         ctx.read = lambda j: f"t_x[{j}]"
     else:
         xa = kp.arr(x)
-        ctx.read = lambda j: f"{xa}[{', '.join(lead + [j])}]"
+        ctx.read = lambda j: f"{xa}[{at(j)}]"
     row_outs = {}
     for a in k.anchors:
         template, scalar = ROW_TEMPLATES[a.op]
@@ -223,9 +233,9 @@ def row_kernel(kp) -> None:
             w(f"{local_name(v)} = {o}[{jv}]")
             extra[local_name(v)] = local_name(v)
             if v in k.writes:
-                w(f"{kp.arr(v)}[{', '.join(lead + [jv])}] = {local_name(v)}")
+                w(f"{kp.arr(v)}[{at(jv)}] = {local_name(v)}")
         if k.epilogue is not None:
-            kp.loop_body(k.epilogue, lead + [jv], extra)
+            kp.loop_body(k.epilogue, full, extra)
         w.dedent()
     w.dedent()
     for a, acc in accs.items():

@@ -10,8 +10,17 @@ from gradfuse.errors import GradfuseError, InputError, IRParseError, ShapeError,
 from gradfuse.ir.interpreter import interpret
 from gradfuse.ir.types import DType, TensorType
 from gradfuse.model import Model, trace
+from gradfuse.passes.optimizer import SGD, Adam
+
+
+def compile(model, optimizer=None, **options):
+    """Compile ``model`` for the CPU: see :func:`gradfuse.compiler.compile`."""
+    from gradfuse.compiler import compile as _compile
+
+    return _compile(model, optimizer, **options)
+
 
 __version__ = "0.1.0"
 
-__all__ = ["DType", "GradfuseError", "IRParseError", "InputError", "Model", "ShapeError", "TensorType",
-           "VerifyError", "functional", "interpret", "ir", "nn", "trace"]
+__all__ = ["SGD", "Adam", "DType", "GradfuseError", "IRParseError", "InputError", "Model", "ShapeError",
+           "TensorType", "VerifyError", "compile", "functional", "interpret", "ir", "nn", "trace"]

@@ -151,6 +151,12 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from gradfuse.bench import main as bench
+
+    return bench(args.only, args.json, args.quick)
+
+
 def _optimizer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
@@ -184,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--tolerance", type=float, default=1e-6)
     gc.add_argument("--health-batch", type=int, default=64)
     gc.set_defaults(run=cmd_gradcheck)
+
+    bench = sub.add_parser("bench", help="benchmarks beside numpy, PyTorch and JAX (when installed)")
+    bench.add_argument("--only", nargs="*", help="mlp, gelu-layernorm, compile")
+    bench.add_argument("--json", help="also write the measurements to this JSON file")
+    bench.add_argument("--quick", action="store_true", help="shorter timing runs")
+    bench.set_defaults(run=cmd_bench)
 
     check = sub.add_parser("check", help="parse and verify an IR file, print it back")
     check.add_argument("file", help="a .gfir text file")

@@ -69,7 +69,7 @@ class Buffer:
     values: list[str] = field(default_factory=list)
 
     def live_with(self, other: Buffer) -> bool:
-        return self.first <= other.last and other.first <= self.last
+        return self.first < other.last and other.first < self.last
 
     def overlaps(self, other: Buffer) -> bool:
         return self.offset < other.offset + other.nbytes and other.offset < self.offset + self.nbytes
@@ -140,13 +140,9 @@ class MemoryPlan:
                 p = self.values[name]
                 how = f"in place of %{p.in_place_of}" if p.kind == "in_place" else f"view of %{p.alias_of}"
                 lines.append(f"      %{name} ({how}), live {live(p.first, p.last)}")
-        args_reused = [p for p in self.values.values() if p.storage is not None and p.offset is None
-                       and p.kind in ("in_place", "view")]
-        if args_reused:
-            lines.append("  in argument storage:")
-            for p in args_reused:
-                how = f"in place of %{p.in_place_of}" if p.kind == "in_place" else f"view of %{p.alias_of}"
-                lines.append(f"    %{p.value} ({how}), live {live(p.first, p.last)}")
+        views = [p for p in self.values.values() if p.kind == "view" and p.offset is None]
+        if views:
+            lines.append("  views of arguments: " + ", ".join(f"%{p.value} of %{p.alias_of}" for p in views))
         return "\n".join(lines)
 
 

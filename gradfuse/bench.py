@@ -1,0 +1,333 @@
+"""Benchmarks: gradfuse beside hand-written numpy (always) and PyTorch / JAX (when installed),
+measured in the same run, with compile time reported apart from run time.
+
+    gradfuse bench [--only NAME ...] [--json out.json] [--quick]
+
+Each benchmark prints a table; ``ratio`` is the reference's time over gradfuse's (above 1:
+gradfuse is faster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+import gradfuse as gf
+from gradfuse import functional as F
+from gradfuse import nn
+
+
+@dataclass
+class Measurement:
+    benchmark: str
+    implementation: str
+    seconds: float  # median of the timed runs
+    note: str = ""
+
+
+def timeit(fn: Callable[[], object], min_seconds: float = 0.5, min_runs: int = 5) -> float:
+    """Median wall time of ``fn`` after two warm-up calls."""
+    fn()
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        if len(times) > 10000:
+            break
+    return statistics.median(times)
+
+
+# ---- the MLP of the issue: 784-512-512-10, ReLU, softmax cross-entropy ---------------------
+class MLP(nn.Module):
+    def __init__(self, sizes=(784, 512, 512, 10)):
+        self.layers = nn.Sequential(*[m for i in range(len(sizes) - 1) for m in
+                                      ([nn.Linear(sizes[i], sizes[i + 1])] +
+                                       ([nn.ReLU()] if i < len(sizes) - 2 else []))])
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def mlp_model() -> gf.Model:
+    return gf.Model(MLP(), inputs={"x": "f32[N,784]"}, targets={"y": "i64[N]"}, loss=F.cross_entropy, name="mlp")
+
+
+class NumpyMLP:
+    """The same network by hand, as a practitioner writes it: BLAS matmuls, in-place updates."""
+
+    def __init__(self, weights: dict[str, np.ndarray]):
+        self.w = [weights[f"layers.{i}.weight"].copy() for i in (0, 2, 4)]
+        self.b = [weights[f"layers.{i}.bias"].copy() for i in (0, 2, 4)]
+
+    def predict(self, x):
+        h = x
+        for i in range(3):
+            h = h @ self.w[i]
+            h += self.b[i]
+            if i < 2:
+                np.maximum(h, 0, out=h)
+        return h
+
+    def train_step(self, x, y, lr):
+        acts, h = [x], x
+        for i in range(3):
+            h = h @ self.w[i]
+            h += self.b[i]
+            if i < 2:
+                np.maximum(h, 0, out=h)
+            acts.append(h)
+        z = acts[-1]
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        n = len(y)
+        loss = -np.log(p[np.arange(n), y]).mean()
+        g = p
+        g[np.arange(n), y] -= 1
+        g /= n
+        for i in (2, 1, 0):
+            dw = acts[i].T @ g
+            db = g.sum(axis=0)
+            if i:
+                g = g @ self.w[i].T
+                g *= acts[i] > 0
+            self.w[i] -= lr * dw
+            self.b[i] -= lr * db
+        return loss
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count() or 1)))
+    return torch
+
+
+def _jax():
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return None
+    return jax, jnp
+
+
+def bench_mlp(quick: bool) -> list[Measurement]:
+    model = mlp_model()
+    out: list[Measurement] = []
+    start = time.perf_counter()
+    compiled = gf.compile(model, gf.SGD())
+    out.append(Measurement("mlp compile (in process)", "gradfuse", time.perf_counter() - start,
+                           "trace + passes + codegen; Numba compiles on the first call"))
+    rng = np.random.default_rng(0)
+    x256 = rng.standard_normal((256, 784), dtype=np.float32)
+    y256 = rng.integers(0, 10, 256)
+    first = time.perf_counter()
+    compiled.train_step(x256, y256, lr=1e-3)
+    out.append(Measurement("mlp first train step (JIT)", "gradfuse", time.perf_counter() - first))
+    ref = NumpyMLP(model.initial_values())
+    min_s = 0.3 if quick else 1.0
+    name = "mlp 784-512-512-10 train step, batch 256"
+    out.append(Measurement(name, "gradfuse", timeit(lambda: compiled.train_step(x256, y256, lr=1e-3), min_s)))
+    out.append(Measurement(name, "numpy", timeit(lambda: ref.train_step(x256, y256, 1e-3), min_s)))
+    torch = _torch()
+    if torch is not None:
+        net = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
+                                  torch.nn.ReLU(), torch.nn.Linear(512, 10))
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+        tx, ty = torch.from_numpy(x256), torch.from_numpy(y256)
+
+        def torch_step():
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(net(tx), ty)
+            loss.backward()
+            opt.step()
+            return loss
+
+        out.append(Measurement(name, "pytorch eager", timeit(torch_step, min_s)))
+    jx = _jax()
+    if jx is not None:
+        jax, jnp = jx
+        params = [(jnp.asarray(ref.w[i]), jnp.asarray(ref.b[i])) for i in range(3)]
+
+        def loss_fn(ps, x, y):
+            h = x
+            for i, (w, b) in enumerate(ps):
+                h = h @ w + b
+                if i < 2:
+                    h = jax.nn.relu(h)
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(h), y[:, None], axis=1))
+
+        @jax.jit
+        def jax_step(ps, x, y):
+            grads = jax.grad(loss_fn)(ps, x, y)
+            return [(w - 1e-3 * gw, b - 1e-3 * gb) for (w, b), (gw, gb) in zip(ps, grads, strict=True)]
+
+        jxs, jys = jnp.asarray(x256), jnp.asarray(y256)
+        state = {"p": params}
+
+        def run_jax():
+            state["p"] = jax_step(state["p"], jxs, jys)
+            jax.block_until_ready(state["p"])
+
+        out.append(Measurement(name, "jax jit", timeit(run_jax, min_s)))
+    for batch in (1, 1024):
+        xb = rng.standard_normal((batch, 784), dtype=np.float32)
+        name = f"mlp inference, batch {batch}"
+        out.append(Measurement(name, "gradfuse", timeit(lambda xb=xb: compiled.predict(xb), min_s)))
+        out.append(Measurement(name, "numpy", timeit(lambda xb=xb: ref.predict(xb), min_s)))
+        if torch is not None:
+            txb = torch.from_numpy(xb)
+
+            def torch_predict(txb=txb):
+                with torch.no_grad():
+                    return net(txb)
+
+            out.append(Measurement(name, "pytorch eager", timeit(torch_predict, min_s)))
+    return out
+
+
+# ---- GELU followed by LayerNorm over the last axis of a 4096x1024 tensor --------------------
+class GeluLayerNorm(nn.Module):
+    def __init__(self, dim: int):
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        return self.norm(F.gelu(x, approximate="tanh"))
+
+
+def numpy_gelu_layernorm(x, gamma, beta, eps=1e-5):
+    h = 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x ** 3)))
+    mean = h.mean(axis=-1, keepdims=True)
+    var = h.var(axis=-1, keepdims=True)
+    return (h - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def measured_bandwidth(nbytes: int = 256 << 20) -> float:
+    """Bytes per second of a parallel streaming copy (read + write), measured now."""
+    from numba import njit, prange
+
+    @njit(parallel=True, fastmath=True)
+    def copy(src, dst):
+        for i in prange(src.size):
+            dst[i] = src[i]
+
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    seconds = timeit(lambda: copy(src, dst), 0.5)
+    return 2 * src.nbytes / seconds
+
+
+def bench_gelu_layernorm(quick: bool) -> list[Measurement]:
+    rows, dim = 4096, 1024
+    model = gf.Model(GeluLayerNorm(dim), inputs={"x": f"f32[N,{dim}]"}, name="gelu_layernorm")
+    compiled = gf.compile(model)
+    x = np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32)
+    gamma, beta = compiled.weights["norm.weight"], compiled.weights["norm.bias"]
+    got, want = compiled.predict(x), numpy_gelu_layernorm(x, gamma, beta)
+    error = float(np.abs(got - want).max())
+    name = f"gelu(tanh) + layernorm forward, {rows}x{dim} f32"
+    min_s = 0.3 if quick else 1.0
+    out = [Measurement(name, "gradfuse", timeit(lambda: compiled.predict(x), min_s), f"max |error| {error:.1e}"),
+           Measurement(name, "numpy", timeit(lambda: numpy_gelu_layernorm(x, gamma, beta), min_s))]
+    torch = _torch()
+    if torch is not None:
+        tx, ln = torch.from_numpy(x), torch.nn.LayerNorm(dim)
+
+        def torch_fn():
+            with torch.no_grad():
+                return ln(torch.nn.functional.gelu(tx, approximate="tanh"))
+
+        out.append(Measurement(name, "pytorch eager", timeit(torch_fn, min_s)))
+    jx = _jax()
+    if jx is not None:
+        jax, jnp = jx
+
+        @jax.jit
+        def jax_fn(x):
+            h = jax.nn.gelu(x, approximate=True)
+            mean = h.mean(-1, keepdims=True)
+            return (h - mean) / jnp.sqrt(h.var(-1, keepdims=True) + 1e-5)
+
+        jxa = jnp.asarray(x)
+        out.append(Measurement(name, "jax jit", timeit(lambda: jax_fn(jxa).block_until_ready(), min_s)))
+    bandwidth = measured_bandwidth()
+    moved = 2 * x.nbytes  # read x, write y
+    seconds = out[0].seconds
+    out.append(Measurement(name, "memory bandwidth (streaming copy)", moved / bandwidth,
+                           f"{bandwidth / 1e9:.1f} GB/s measured; gradfuse reaches {moved / seconds / 1e9:.1f} GB/s "
+                           f"= {moved / seconds / bandwidth:.0%}"))
+    return out
+
+
+# ---- compile time: cold (empty cache) and warm (Numba's on-disk cache) in fresh processes -----
+_COMPILE_SCRIPT = """
+import time, numpy as np
+t = time.perf_counter()
+import gradfuse as gf
+from gradfuse.bench import mlp_model
+m = gf.compile(mlp_model(), gf.SGD(), cache_dir={cache!r})
+m.train_step(np.zeros((256, 784), np.float32), np.zeros(256, np.int64), lr=0.0)
+print(time.perf_counter() - t)
+"""
+
+
+def bench_compile(quick: bool) -> list[Measurement]:
+    out = []
+    with tempfile.TemporaryDirectory() as cache:
+        for label in ("cold (empty cache)", "warm (Numba cache on disk)"):
+            result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT.format(cache=cache)],
+                                    capture_output=True, text=True, check=True)
+            out.append(Measurement(f"mlp train-step compile, {label}", "gradfuse", float(result.stdout.split()[-1]),
+                                   "new process: import + trace + passes + codegen + JIT + first step"))
+    return out
+
+
+BENCHMARKS = {"mlp": bench_mlp, "gelu-layernorm": bench_gelu_layernorm, "compile": bench_compile}
+
+
+def render(rows: list[Measurement]) -> str:
+    lines = []
+    by_bench: dict[str, list[Measurement]] = {}
+    for r in rows:
+        by_bench.setdefault(r.benchmark, []).append(r)
+    for bench, ms in by_bench.items():
+        lines.append(bench)
+        base = next((m.seconds for m in ms if m.implementation == "gradfuse"), None)
+        for m in ms:
+            ratio = f"{m.seconds / base:6.2f}x" if base and m.implementation != "gradfuse" else "       "
+            t = f"{m.seconds * 1e3:10.3f} ms" if m.seconds < 10 else f"{m.seconds:10.2f} s "
+            lines.append(f"  {m.implementation:<36} {t}  {ratio}  {m.note}")
+    return "\n".join(lines)
+
+
+def main(only: list[str] | None = None, json_path: str | None = None, quick: bool = False) -> int:
+    unknown = set(only or []) - set(BENCHMARKS)
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")
+    rows: list[Measurement] = []
+    for name, fn in BENCHMARKS.items():
+        if only and name not in only:
+            continue
+        new = fn(quick)
+        print(render(new), flush=True)
+        rows += new
+    print("\nratio = reference time / gradfuse time (above 1: gradfuse is faster)")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=2)
+    return 0

@@ -1,0 +1,77 @@
+"""``gradfuse.compile``: a model in, a compiled model out, with the weights it owns.
+
+A CompiledModel holds two programs over one set of arrays: inference (the forward graph in
+eval mode) and, when the model has a loss, the training step (forward, backward, optimizer
+update). Parameters, optimizer state and BatchNorm statistics live in ``weights`` and are
+updated in place by ``train_step``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradfuse.errors import InputError
+from gradfuse.ir.graph import ArgKind, Graph
+from gradfuse.model import Model
+from gradfuse.passes.manager import run_pipeline
+from gradfuse.passes.optimizer import SGD, Adam
+from gradfuse.passes.training import training_step
+from gradfuse.runtime.program import DEFAULT_CACHE, Program
+
+PIPELINE = "simplify,fuse"
+
+
+@dataclass
+class CompiledModel:
+    model: Model
+    predict_program: Program
+    train_program: Program | None
+    weights: dict[str, np.ndarray]  # params, optimizer state, running statistics: updated in place
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """The model's output for a batch (inference mode)."""
+        return self._run(self.predict_program, self._inputs(self.model.inputs, [x]))[0]
+
+    def train_step(self, *arrays: np.ndarray, lr: float) -> float:
+        """One step of forward, backward and optimizer update on a batch; returns the loss."""
+        if self.train_program is None:
+            raise InputError(f"model {self.model.name} has no loss: pass loss=... to gradfuse.Model to train it")
+        feeds = self._inputs({**self.model.inputs, **self.model.targets}, arrays)
+        feeds["lr"] = np.asarray(lr, dtype=np.float32)
+        return float(self._run(self.train_program, feeds)[0])
+
+    def _inputs(self, names, arrays) -> dict[str, np.ndarray]:
+        if len(arrays) != len(names):
+            raise InputError(f"expected {len(names)} array(s) ({', '.join(names)}), got {len(arrays)}")
+        return dict(zip(names, arrays, strict=True))
+
+    def _run(self, program: Program, feeds: dict) -> list[np.ndarray]:
+        for kind, v in program.graph.args:
+            if kind is not ArgKind.input:
+                feeds[v.name] = self.weights[v.name]
+        return program.run(feeds)
+
+
+def compile(model: Model, optimizer: SGD | Adam | None = None, cache_dir: str = DEFAULT_CACHE,
+            pipeline: str = PIPELINE) -> CompiledModel:
+    """Trace, differentiate, optimise and generate the kernels of ``model`` for the CPU."""
+    forward = run_pipeline(model.trace(), pipeline).graph
+    predict = Program.compile(forward, cache_dir)
+    weights = {k: np.ascontiguousarray(v) for k, v in model.initial_values().items()}
+    train = None
+    if model.loss is not None:
+        step = training_step(model, optimizer or SGD())
+        train = Program.compile(run_pipeline(step.graph, pipeline).graph, cache_dir)
+        weights.update(step.new_state)
+        _add_missing_state(step.graph, weights)
+    _add_missing_state(forward, weights)
+    return CompiledModel(model, predict, train, weights)
+
+
+def _add_missing_state(g: Graph, weights: dict[str, np.ndarray]) -> None:
+    """State a graph carries that nobody initialised yet (the dropout step counter) starts at 0."""
+    for kind, v in g.args:
+        if kind is not ArgKind.input and v.name not in weights:
+            weights[v.name] = np.zeros(v.type.concrete({}), v.type.dtype.np)
