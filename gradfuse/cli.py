@@ -45,6 +45,13 @@ def _stage_fused(model, args) -> Graph:
     return result.graph
 
 
+def _stage_kernels(model, args) -> str:
+    from gradfuse.codegen.cpu import print_module
+    from gradfuse.codegen.kernel_ir import lower
+
+    return print_module(lower(_stage_fused(model, args)))
+
+
 # stage name -> (what it shows, how to build it from a Model)
 STAGES = {
     "forward": ("the inference forward graph", _stage_forward),
@@ -52,6 +59,7 @@ STAGES = {
     "backward": ("forward + generated backward, with the values saved for the backward", _stage_backward),
     "train": ("one whole training step: forward, backward, optimizer update", _stage_train),
     "fused": ("the training step after the pass pipeline (--pipeline), as kernels", _stage_fused),
+    "kernels": ("the generated Numba CPU source of the fused training step", _stage_kernels),
 }
 DEFAULT_PIPELINE = "simplify,fuse,memory-plan"
 
@@ -99,6 +107,9 @@ def cmd_show(args) -> int:
         args.pipeline = DEFAULT_PIPELINE.replace("fuse", f"fuse(batch={args.batch})").replace(
             "memory-plan", f"memory-plan(batch={args.batch})")
     graph = STAGES[args.stage][1](model, args)
+    if isinstance(graph, str):  # generated source
+        sys.stdout.write(graph)
+        return 0
     sys.stdout.write(_render(graph, args.format))
     if args.format == "text":
         if args.saved is not None:

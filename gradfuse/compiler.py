@@ -29,6 +29,7 @@ class CompiledModel:
     predict_program: Program
     train_program: Program | None
     weights: dict[str, np.ndarray]  # params, optimizer state, running statistics: updated in place
+    check: bool = False  # run kernel by kernel and stop at the first NaN/Inf, naming the op and line
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """The model's output for a batch (inference mode)."""
@@ -51,7 +52,7 @@ class CompiledModel:
         for kind, v in program.graph.args:
             if kind is not ArgKind.input:
                 feeds[v.name] = self.weights[v.name]
-        return program.run(feeds)
+        return program.run_checked(feeds) if self.check else program.run(feeds)
 
 
 def compile(model: Model, optimizer: SGD | Adam | None = None, cache_dir: str = DEFAULT_CACHE,

@@ -56,3 +56,7 @@ class InputError(GradfuseError):
 
 class ModelFileError(GradfuseError):
     """A model file given on the command line cannot be loaded or lacks what is needed."""
+
+
+class NumericError(GradfuseError):
+    """A value became NaN or infinite (reported by the runtime's check mode)."""

@@ -47,7 +47,7 @@ def bind_arguments(g: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
     return bindings
 
 
-def _concrete_attrs(attrs: dict, spec, bindings: dict[str, int]) -> dict:
+def concrete_attrs(attrs: dict, spec, bindings: dict[str, int]) -> dict:
     """Replace symbols in ``dims`` attributes (shapes of reshape, const, ...) by their sizes."""
     out = dict(attrs)
     for name, a in spec.items():
@@ -61,7 +61,7 @@ def interpret(g: Graph, feeds: Mapping[str, np.ndarray]) -> Result:
     env: dict[Value, np.ndarray] = {v: np.asarray(feeds[v.name]) for _, v in g.args}
     for n in g.nodes:
         opdef = get_op(n.op)
-        outs = opdef.run_ref([env[v] for v in n.inputs], _concrete_attrs(n.attrs, opdef.attrs, bindings))
+        outs = opdef.run_ref([env[v] for v in n.inputs], concrete_attrs(n.attrs, opdef.attrs, bindings))
         for v, a in zip(n.outputs, outs, strict=True):
             a = np.asarray(a)
             assert a.dtype == v.type.dtype.np, f"{n.op}: ref gave {a.dtype}, IR says {v.type}"

@@ -69,7 +69,7 @@ class Buffer:
     values: list[str] = field(default_factory=list)
 
     def live_with(self, other: Buffer) -> bool:
-        return self.first < other.last and other.first < self.last
+        return self.first <= other.last and other.first <= self.last
 
     def overlaps(self, other: Buffer) -> bool:
         return self.offset < other.offset + other.nbytes and other.offset < self.offset + self.nbytes

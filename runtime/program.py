@@ -19,8 +19,8 @@ import numpy as np
 
 from gradfuse.codegen.cpu import arr, print_module
 from gradfuse.codegen.kernel_ir import KernelProgram, lower
-from gradfuse.errors import InputError
-from gradfuse.ir.graph import ArgKind, Graph, Value
+from gradfuse.errors import InputError, NumericError
+from gradfuse.ir.graph import ArgKind, Graph
 
 DEFAULT_CACHE = os.environ.get("GRADFUSE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gradfuse"))
 
@@ -133,8 +133,58 @@ class Program:
         values.update(zip(self.kernels.buffers, bufs, strict=True))
         return [values[v].copy() for v in self.graph.outputs]
 
-    def buffer_of(self, v: Value, sizes: dict[str, int]) -> np.ndarray:
-        return self.buffers(sizes)[self.kernels.buffers.index(v)]
+    def run_checked(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Like :meth:`run`, kernel by kernel, stopping at the first kernel that writes a NaN or
+        an infinity; the error names the kernel and the op and source line inside it that
+        produced it first (found by replaying the kernel's nodes with the reference ops)."""
+        from gradfuse.codegen.cpu import KernelPrinter, Writer
+        from gradfuse.ir.registry import get_op
+
+        sizes, arrays = self.bind(feeds)
+        env: dict[str, object] = dict(sizes)
+        values = {v: a for (_, v), a in zip(self.graph.args, arrays, strict=True)}
+        values.update(zip(self.kernels.buffers, self.buffers(sizes), strict=True))
+        env.update({arr(v): a for v, a in values.items()})
+        for item in self.kernels.schedule:
+            if not hasattr(item, "anchors"):  # a view
+                values[item.outputs[0]] = values[item.inputs[0]].reshape(item.outputs[0].type.concrete(sizes))
+                env[arr(item.outputs[0])] = values[item.outputs[0]]
+                continue
+            getattr(self.module, item.name)(*(env[p] for p in KernelPrinter(item, Writer()).signature()))
+            bad = [v for v in item.writes if v.type.dtype.is_float and not np.all(np.isfinite(values[v]))]
+            if bad:
+                raise NumericError(self._explain_nonfinite(item, values, sizes, get_op))
+        for old, new in self.graph.updates:
+            if new is not old:
+                values[old][...] = values[new]
+        return [values[v].copy() for v in self.graph.outputs]
+
+    def _explain_nonfinite(self, kernel, values, sizes, get_op) -> str:
+        """Replay the kernel's nodes in numpy to find the first one whose result is not finite."""
+        from gradfuse.ir.interpreter import concrete_attrs
+
+        env = dict(values)
+        producers = self.graph.producers()
+        for n in kernel.nodes:
+            for v in n.inputs:
+                if v not in env:  # a scalar constant or a count
+                    p = producers[v]
+                    env[v] = get_op(p.op).run_ref([env[u] for u in p.inputs],
+                                                  concrete_attrs(p.attrs, get_op(p.op).attrs, sizes))[0]
+            opdef = get_op(n.op)
+            with np.errstate(all="ignore"):
+                outs = opdef.run_ref([env[v] for v in n.inputs], concrete_attrs(n.attrs, opdef.attrs, sizes))
+            for v, a in zip(n.outputs, outs, strict=True):
+                env[v] = np.asarray(a)
+                if v.type.dtype.is_float and not np.all(np.isfinite(a)):
+                    bad_in = [f"%{u.name}" for u in n.inputs
+                              if u.type.dtype.is_float and not np.all(np.isfinite(env[u]))]
+                    where = f" at {n.loc}" + (f" in {n.scope}" if n.scope else "") if n.loc else ""
+                    cause = f"its input {', '.join(bad_in)} is not finite" if bad_in else "from finite inputs"
+                    return (f"kernel {kernel.name}: %{v.name} = {n.op}{where} produced NaN/Inf ({cause}; "
+                            f"{int(np.sum(~np.isfinite(a)))} of {a.size} elements)" +
+                            (f" [{n.note}]" if n.note else ""))
+        return f"kernel {kernel.name} wrote NaN/Inf, but replaying its ops in numpy did not (a codegen bug?)"
 
 
 __all__ = ["Program", "arr"]
