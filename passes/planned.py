@@ -15,7 +15,7 @@ import numpy as np
 
 from gradfuse.errors import InputError
 from gradfuse.ir.graph import Graph, Value
-from gradfuse.ir.interpreter import Result, _concrete_attrs, bind_arguments
+from gradfuse.ir.interpreter import Result, bind_arguments, concrete_attrs
 from gradfuse.ir.registry import get_op
 
 from .fusion import role
@@ -56,7 +56,7 @@ def run_planned(g: Graph, plan: MemoryPlan, feeds: Mapping[str, np.ndarray]) -> 
             inputs = [np.empty(v.type.concrete(bindings), v.type.dtype.np) for v in n.inputs]
         else:
             inputs = [read(v) for v in n.inputs]
-        outs = opdef.run_ref(inputs, _concrete_attrs(n.attrs, opdef.attrs, bindings))
+        outs = opdef.run_ref(inputs, concrete_attrs(n.attrs, opdef.attrs, bindings))
         for v, a in zip(n.outputs, outs, strict=True):
             a = np.array(a, copy=True)  # never a view of an operand's storage
             assert a.dtype == v.type.dtype.np and a.shape == v.type.concrete(bindings), f"{n.op}: ref gave {a.dtype}"

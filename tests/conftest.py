@@ -50,3 +50,17 @@ def golden(accept):
         assert text == expected, f"output differs from {path} (run pytest --accept to update, then review the diff)"
 
     return check
+
+
+@pytest.fixture(scope="session")
+def kernel_cache(tmp_path_factory) -> str:
+    """One directory for the generated kernel modules (and Numba's cache) of the whole session."""
+    return str(tmp_path_factory.mktemp("kernels"))
+
+
+@pytest.fixture(scope="session")
+def compiled_digits(example_model, kernel_cache):
+    """The digits MLP compiled for the CPU with SGD + momentum, shared by the runtime tests."""
+    import gradfuse as gf
+
+    return gf.compile(example_model("digits_mlp"), gf.SGD(momentum=0.9), cache_dir=kernel_cache)
