@@ -75,8 +75,7 @@ class KernelPrinter:
     def __init__(self, k: Kernel, w: Writer):
         self.k, self.w = k, w
         self.params = [arr(v) for v in dict.fromkeys(k.reads + k.writes)]
-        self.symbols = sorted({s for v in dict.fromkeys(k.reads + k.writes) for s in v.type.symbols} |
-                              {s for n in k.nodes for v in n.outputs for s in v.type.symbols})
+        self.symbols = k.symbols
 
     def signature(self) -> list[str]:
         return self.params + self.symbols

@@ -66,6 +66,7 @@ class Kernel:
     prologue: Loop | None = None  # over the anchor's input space (reductions, row ops)
     epilogue: Loop | None = None  # over the anchor's output space (or the whole kernel, if no anchor)
     gemm_dest: Value | None = None  # where the GEMM writes (its own buffer or an epilogue output's)
+    symbols: list[str] = field(default_factory=list)  # batch-size symbols the kernel's code uses
 
 
 @dataclass
@@ -99,15 +100,14 @@ class Lowering:
         self.g = g
         self.producer = g.producers()
         self.users = g.users()
-        outs = set(g.outputs) | {new for _, new in g.updates}
+        self.outs = set(g.outputs) | {new for _, new in g.updates}
         self.kernel_of = {n: n.kernel for n in g.nodes}
         self.materialized: set[Value] = {v for _, v in g.args}
         for n in g.nodes:
             for v in n.outputs:
-                if role(n) == "view" or v in outs or any(self.kernel_of[u] != n.kernel or n.kernel is None
-                                                         for u in self.users[v]):
-                    if role(n) != "immediate":
-                        self.materialized.add(v)
+                if v in self.outs or role(n) == "view" or (role(n) != "immediate" and any(
+                        self.kernel_of[u] != n.kernel or n.kernel is None for u in self.users[v])):
+                    self.materialized.add(v)
         self.symbols = sorted({s for _, v in g.args for s in v.type.symbols})
 
     def immediate(self, v: Value) -> str | None:
@@ -137,6 +137,10 @@ class Lowering:
         loop = Loop(tuple(space))
         loaded: dict[Value, str] = {}
         for n in nodes:
+            imm = self.immediate(n.outputs[0])
+            if imm is not None:  # a constant or element count that is itself an output
+                loop.stmts.append(Stmt(local_name(n.outputs[0]), imm, n))
+                continue
             operands = []
             for v in n.inputs:
                 p = self.producer.get(v)
@@ -144,7 +148,7 @@ class Lowering:
                 if imm is not None:
                     consts.setdefault(local_name(v), imm)
                     operands.append(local_name(v))
-                elif p in kernel_nodes and p in nodes[: nodes.index(n)] or (p in kernel_nodes and p not in nodes):
+                elif p in kernel_nodes:  # computed earlier in this loop, or the anchor's result
                     operands.append(local_name(v))
                 else:
                     if v not in loaded:
@@ -171,19 +175,21 @@ class Lowering:
 
     def kernel(self, name: str, nodes: list[Node]) -> Kernel:
         inside = set(nodes)
-        produced = {v for n in nodes for v in n.outputs}
-        reads = list(dict.fromkeys(v for n in nodes for v in n.inputs
+        produced = list(dict.fromkeys(v for n in nodes for v in n.outputs))  # ordered: stable signatures
+        reads = list(dict.fromkeys(v for n in nodes if role(n) != "immediate" for v in n.inputs
                                    if v not in produced and self.immediate(v) is None))
         writes = [v for v in produced if v in self.materialized]
         consts: dict[str, str] = {}
-        for n in nodes:
-            for v in n.inputs:
-                imm = self.immediate(v)
-                if imm is not None:
-                    consts.setdefault(local_name(v), imm)
+        consts_of = [v for n in nodes for v in n.inputs if self.immediate(v) is not None]
+        for v in consts_of:
+            consts.setdefault(local_name(v), self.immediate(v))
         anchors = [n for n in nodes if role(n) in ("gemm", "reduction", "row", "opaque")]
         kind = role(anchors[0]) if anchors else "elementwise"
-        k = Kernel(name, kind, nodes, reads, writes, consts, anchors)
+        # symbols of every shape the code mentions: buffers, results, and element counts (``count``
+        # of an axis of size N may be the only place N appears in a kernel)
+        counted = [n.inputs[0] for n in [*map(self.producer.get, consts_of), *nodes] if n.op == "count"]
+        symbols = sorted({s for v in [*reads, *produced, *counted] for s in v.type.symbols})
+        k = Kernel(name, kind, nodes, reads, writes, consts, anchors, symbols=symbols)
         if kind == "opaque":
             assert len(nodes) == 1
             return k
@@ -225,7 +231,7 @@ def lower(g: Graph) -> KernelProgram:
     groups: dict[str, list[Node]] = {}
     for n in g.nodes:
         r = role(n)
-        if r == "immediate":
+        if r == "immediate" and n.outputs[0] not in lw.outs:
             continue
         if r == "view":
             schedule.append(n)

@@ -20,7 +20,14 @@ def compile(model, optimizer=None, **options):
     return _compile(model, optimizer, **options)
 
 
+def load(path, recompile=False):
+    """A compiled model from an artifact directory written by ``gradfuse compile``."""
+    from gradfuse.runtime.artifact import load as _load
+
+    return _load(path, recompile=recompile)
+
+
 __version__ = "0.1.0"
 
 __all__ = ["SGD", "Adam", "DType", "GradfuseError", "IRParseError", "InputError", "Model", "ShapeError",
-           "TensorType", "VerifyError", "compile", "functional", "interpret", "ir", "nn", "trace"]
+           "TensorType", "VerifyError", "compile", "load", "functional", "interpret", "ir", "nn", "trace"]

@@ -162,6 +162,105 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _compile_model(args):
+    import gradfuse as gf
+    from gradfuse.loader import load_model
+
+    model = load_model(args.model)
+    return model, gf.compile(model, _optimizer(args))
+
+
+def _stage_texts(model, args) -> dict[str, str]:
+    from gradfuse.passes.training import backward, training_step
+
+    return {"forward": str(model.trace()), **({"backward": str(backward(model).graph),
+                                               "train": str(training_step(model, _optimizer(args)).graph)}
+                                              if model.loss is not None else {})}
+
+
+def cmd_compile(args) -> int:
+    import time
+
+    from gradfuse.runtime import artifact
+
+    if args.target != "cpu":
+        raise GradfuseError(f"target {args.target!r} is not available yet (targets: cpu)")
+    start = time.perf_counter()
+    model, compiled = _compile_model(args)
+    report = artifact.save(compiled, args.output, _stage_texts(model, args))
+    print(f"wrote {report.path}: {report.files} files, {report.bytes:,} bytes, in "
+          f"{time.perf_counter() - start:.1f} s")
+    print(f"  run it:        gradfuse run {args.output} --input x.npy --output y.npy")
+    print(f"  read its IR:   ls {args.output}/ir   (forward, backward, train, *.fused)")
+    return 0
+
+
+def _load_any(spec: str, args):
+    """A compiled model from an artifact directory or a model file."""
+    import os
+
+    from gradfuse.runtime import artifact
+
+    if os.path.isdir(spec):
+        return artifact.load(spec, recompile=getattr(args, "recompile", False))
+    return _compile_model(argparse.Namespace(**{**vars(args), "model": spec}))[1]
+
+
+def cmd_run(args) -> int:
+    import time
+
+    import numpy as np
+
+    start = time.perf_counter()
+    compiled = _load_any(args.artifact, args)
+    loaded = time.perf_counter()
+    try:
+        x = np.load(args.input, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise GradfuseError(f"{args.input}: cannot read it as a .npy array: {e}") from None
+    y = compiled.predict(x)
+    done = time.perf_counter()
+    if args.output:
+        np.save(args.output, y)
+    print(f"{compiled.name}: {x.dtype}{list(x.shape)} -> {y.dtype}{list(y.shape)}"
+          + (f", written to {args.output}" if args.output else ""))
+    print(f"  load {loaded - start:.3f} s, first batch {done - loaded:.3f} s")
+    if not args.output:
+        print(y)
+    return 0
+
+
+def cmd_train(args) -> int:
+    import os
+
+    from gradfuse.training import TrainConfig, fit, load_data
+
+    compiled = _load_any(args.model, args)
+    if args.data:
+        data = load_data(args.data)
+    else:
+        from gradfuse.loader import load_model
+
+        if os.path.isdir(args.model):
+            raise GradfuseError("an artifact carries no data: pass --data file.npz")
+        model = load_model(args.model)
+        if model.data is None:
+            raise GradfuseError(f"{args.model} defines no data: pass --data file.npz (x_train, y_train, ...)")
+        data = model.data()
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         checkpoint=args.checkpoint, plot=args.plot)
+    try:
+        fit(compiled, data, config, resume=args.resume)
+    except KeyboardInterrupt:
+        return 130
+    if args.output:
+        from gradfuse.runtime import artifact
+
+        artifact.save(compiled, args.output)
+        print(f"wrote the trained model to {args.output}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from gradfuse.bench import main as bench
 
@@ -201,6 +300,36 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--tolerance", type=float, default=1e-6)
     gc.add_argument("--health-batch", type=int, default=64)
     gc.set_defaults(run=cmd_gradcheck)
+
+    comp = sub.add_parser("compile", help="compile a model ahead of time into an artifact directory")
+    comp.add_argument("model", help="a Python file defining `model` (or FILE.py:OBJECT)")
+    comp.add_argument("--target", default="cpu", help="cpu (the default)")
+    comp.add_argument("-o", "--output", required=True, help="the artifact directory to write")
+    _optimizer_flags(comp)
+    comp.set_defaults(run=cmd_compile)
+
+    run = sub.add_parser("run", help="run an artifact (or a model file) on an input array")
+    run.add_argument("artifact", help="an artifact directory (or a model .py file)")
+    run.add_argument("--input", required=True, help="a .npy file with a batch of inputs")
+    run.add_argument("--output", help="write the outputs to this .npy file")
+    run.add_argument("--recompile", action="store_true", help="accept an artifact built for another CPU or "
+                                                              "Numba version and compile its kernels here")
+    run.set_defaults(run=cmd_run)
+
+    tr = sub.add_parser("train", help="train a model file or an artifact")
+    tr.add_argument("model", help="a Python file defining `model` (or FILE.py:OBJECT), or an artifact directory")
+    tr.add_argument("--data", help=".npz with x_train, y_train (and x_test, y_test); default: the model's data()")
+    tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument("--batch-size", type=int, default=64)
+    tr.add_argument("--lr", type=float, default=0.05)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--checkpoint", help="checkpoint .npz, written every epoch and on Ctrl-C")
+    tr.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    tr.add_argument("--plot", help="write loss/accuracy curves to this PNG")
+    tr.add_argument("-o", "--output", help="write the trained model as an artifact here")
+    tr.add_argument("--recompile", action="store_true")
+    _optimizer_flags(tr)
+    tr.set_defaults(run=cmd_train)
 
     bench = sub.add_parser("bench", help="benchmarks beside numpy, PyTorch and JAX (when installed)")
     bench.add_argument("--only", nargs="*", help="mlp, gelu-layernorm, compile")

@@ -3,7 +3,8 @@
 A CompiledModel holds two programs over one set of arrays: inference (the forward graph in
 eval mode) and, when the model has a loss, the training step (forward, backward, optimizer
 update). Parameters, optimizer state and BatchNorm statistics live in ``weights`` and are
-updated in place by ``train_step``.
+updated in place by ``train_step``. A CompiledModel is also what ``gradfuse.load`` returns for
+an artifact: nothing in it needs the model's Python code.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from gradfuse.errors import InputError
 from gradfuse.ir.graph import ArgKind, Graph
+from gradfuse.ir.types import TensorType
 from gradfuse.model import Model
 from gradfuse.passes.manager import run_pipeline
 from gradfuse.passes.optimizer import SGD, Adam
@@ -25,21 +27,24 @@ PIPELINE = "simplify,fuse"
 
 @dataclass
 class CompiledModel:
-    model: Model
+    name: str
+    inputs: dict[str, TensorType]
+    targets: dict[str, TensorType]
     predict_program: Program
     train_program: Program | None
     weights: dict[str, np.ndarray]  # params, optimizer state, running statistics: updated in place
+    optimizer: str = "none"  # how the training step updates the weights, e.g. "sgd(momentum=0.9, ...)"
     check: bool = False  # run kernel by kernel and stop at the first NaN/Inf, naming the op and line
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """The model's output for a batch (inference mode)."""
-        return self._run(self.predict_program, self._inputs(self.model.inputs, [x]))[0]
+        return self._run(self.predict_program, self._inputs(self.inputs, [x]))[0]
 
     def train_step(self, *arrays: np.ndarray, lr: float) -> float:
         """One step of forward, backward and optimizer update on a batch; returns the loss."""
         if self.train_program is None:
-            raise InputError(f"model {self.model.name} has no loss: pass loss=... to gradfuse.Model to train it")
-        feeds = self._inputs({**self.model.inputs, **self.model.targets}, arrays)
+            raise InputError(f"model {self.name} has no loss: pass loss=... to gradfuse.Model to train it")
+        feeds = self._inputs({**self.inputs, **self.targets}, arrays)
         feeds["lr"] = np.asarray(lr, dtype=np.float32)
         return float(self._run(self.train_program, feeds)[0])
 
@@ -54,6 +59,9 @@ class CompiledModel:
                 feeds[v.name] = self.weights[v.name]
         return program.run_checked(feeds) if self.check else program.run(feeds)
 
+    def programs(self) -> dict[str, Program]:
+        return {"predict": self.predict_program, **({"train": self.train_program} if self.train_program else {})}
+
 
 def compile(model: Model, optimizer: SGD | Adam | None = None, cache_dir: str = DEFAULT_CACHE,
             pipeline: str = PIPELINE) -> CompiledModel:
@@ -62,13 +70,15 @@ def compile(model: Model, optimizer: SGD | Adam | None = None, cache_dir: str = 
     predict = Program.compile(forward, cache_dir)
     weights = {k: np.ascontiguousarray(v) for k, v in model.initial_values().items()}
     train = None
+    optimizer = optimizer or SGD()
     if model.loss is not None:
-        step = training_step(model, optimizer or SGD())
+        step = training_step(model, optimizer)
         train = Program.compile(run_pipeline(step.graph, pipeline).graph, cache_dir)
         weights.update(step.new_state)
         _add_missing_state(step.graph, weights)
     _add_missing_state(forward, weights)
-    return CompiledModel(model, predict, train, weights)
+    return CompiledModel(model.name, dict(model.inputs), dict(model.targets), predict, train, weights,
+                         optimizer.describe() if train else "none")
 
 
 def _add_missing_state(g: Graph, weights: dict[str, np.ndarray]) -> None:

@@ -17,15 +17,17 @@ keeps the one with the smallest arena, saying which updates it gave up and why.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 
 from gradfuse.ir.graph import Graph, GraphBuilder, Node, Value
 from gradfuse.ir.types import TensorType
 
-from .fusion import role
+from .fusion import role as _fusion_role
 from .manager import Pass, PassResult, register_pass
 
 ALIGN = 64  # bytes; every arena offset is a multiple
+MAX_TRIALS = 256  # schedules the search may try, at most (each costs one greedy ordering)
 # Operands a non-elementwise op reads only at the index of one of its outputs, (op, output) -> operand:
 # BatchNorm updates its running statistics elementwise, so they may be updated in place.
 ALIGNED_OPERANDS = {("batch_norm_train", 1): 3, ("batch_norm_train", 2): 4}
@@ -101,19 +103,12 @@ class MemoryPlan:
     def in_place_updates(self) -> list[UpdatePlan]:
         return [u for u in self.updates if u.in_place]
 
-    @property
-    def reordered(self) -> bool:
-        return self.schedule != "graph order"
-
     def overlaps(self) -> list[tuple[str, str]]:
         """Pairs of buffers live at a common step whose bytes overlap: empty for a valid plan."""
         return [(a.name, b.name) for i, a in enumerate(self.buffers) for b in self.buffers[i + 1:]
                 if a.nbytes and b.nbytes and a.live_with(b) and a.overlaps(b)]
 
     def render(self) -> str:
-        def live(first: int, last: int) -> str:
-            return f"{first}..{last}"
-
         def ratio(a: int, b: int) -> str:
             return f"{a / b:.2f}" if b else "-"
 
@@ -135,15 +130,25 @@ class MemoryPlan:
         lines.append(f"    {'value':<36} {'type':<16} {'bytes':>10} {'offset':>10}  live steps")
         for b in sorted(self.buffers, key=lambda b: (b.offset, b.first)):
             lines.append(f"    %{b.name:<35} {str(b.type):<16} {b.nbytes:>10,} {b.offset:>10,}  "
-                         f"{live(b.first, b.last)}")
+                         f"{b.first}..{b.last}")
             for name in b.values[1:]:
                 p = self.values[name]
                 how = f"in place of %{p.in_place_of}" if p.kind == "in_place" else f"view of %{p.alias_of}"
-                lines.append(f"      %{name} ({how}), live {live(p.first, p.last)}")
+                lines.append(f"      %{name} ({how}), live {p.first}..{p.last}")
         views = [p for p in self.values.values() if p.kind == "view" and p.offset is None]
         if views:
             lines.append("  views of arguments: " + ", ".join(f"%{p.value} of %{p.alias_of}" for p in views))
         return "\n".join(lines)
+
+
+_ROLES: weakref.WeakKeyDictionary[Node, str] = weakref.WeakKeyDictionary()
+
+
+def role(n: Node) -> str:
+    """fusion.role, remembered per node (the planner asks often)."""
+    if n not in _ROLES:
+        _ROLES[n] = _fusion_role(n)
+    return _ROLES[n]
 
 
 # -- the schedule ---------------------------------------------------------------------------------
@@ -167,23 +172,25 @@ def _step_name(nodes: tuple[Node, ...]) -> str:
 
 
 class _Values:
-    """Facts about values that do not depend on the order of steps."""
+    """What the planner and the scheduler ask of the values of ``g`` run as ``steps``."""
 
     def __init__(self, g: Graph, batch: int, steps: list[tuple[Node, ...]]):
         self.g = g
+        self._nbytes: dict[Value, int] = {}
         self.bindings = {s: batch for v in g.values() for s in v.type.symbols}
         self.unit_of = {n: i for i, u in enumerate(steps) for n in u}
         self.producer = g.producers()
         self.users = {v: [u for u in us if role(u) != "immediate"]  # immediates read shapes, not memory
                       for v, us in g.users().items()}
-        self.args = {v for _, v in g.args}
         self.to_end = set(g.outputs) | {new for _, new in g.updates}
         self.update_of = {}
         for old, new in g.updates:
             self.update_of.setdefault(new, old)
 
     def nbytes(self, v: Value) -> int:
-        return v.type.nbytes(self.bindings)
+        if v not in self._nbytes:
+            self._nbytes[v] = v.type.nbytes(self.bindings)
+        return self._nbytes[v]
 
     def source(self, v: Value) -> Value:
         """The value whose storage ``v`` uses when in-place is left aside (follows views)."""
@@ -233,11 +240,15 @@ class _Planner:
                                             self.last_read(v, first), s.name, None, **links)
 
     def plan(self, name: str) -> MemoryPlan:
-        f = self.facts
-        for v in f.args:
-            s = _Storage(v.name, f.nbytes(v), -1, arena=False)
-            self.place(v, s, "arg", -1)
+        for _, v in self.g.args:
+            self.place(v, _Storage(v.name, self.facts.nbytes(v), -1, arena=False), "arg", -1)
         for i, step in enumerate(self.order):
+            self.position = {m: k for k, m in enumerate(step)}
+            self.readers: dict[_Storage, list[tuple[Node, Value]]] = {}  # storage read by the step, and how
+            for m in step:
+                for x in dict.fromkeys(m.inputs):
+                    if x in self.storage:
+                        self.readers.setdefault(self.storage[x], []).append((m, x))
             for n in step:
                 for v in n.outputs:
                     self.classify(v, n, i, step)
@@ -265,12 +276,8 @@ class _Planner:
     def candidates(self, v: Value, step: tuple[Node, ...]) -> list[Value]:
         """Storage ``v`` may take over: its update's argument, then the arena buffers its kernel reads."""
         out = [self.facts.update_of[v]] if v in self.facts.update_of else []
-        for m in step:
-            for x in m.inputs:
-                s = self.storage.get(x)
-                if s is not None and s.arena and all(self.storage[c] is not s for c in out):
-                    out.append(x)
-        return out
+        taken = {self.storage[c] for c in out}
+        return out + [readers[0][1] for s, readers in self.readers.items() if s.arena and s not in taken]
 
     def why_not_in_place(self, y: Value, n: Node, i: int, step: tuple[Node, ...], s: _Storage) -> str | None:
         """None if ``y`` (written by ``n`` at step ``i``) may overwrite storage ``s``, else why not."""
@@ -286,8 +293,7 @@ class _Planner:
             x, u = max(((x, u) for x in s.values for u in f.users[x]), key=lambda xu: f.unit_of[xu[1]])
             return (f"%{x.name} is read by {_step_name(self.order[f.unit_of[u]])} (step {f.unit_of[u]}) after "
                     f"{here} (step {i}) writes %{y.name}")
-        position = {m: k for k, m in enumerate(step)}
-        readers = [(m, x) for m in step for x in dict.fromkeys(m.inputs) if self.storage.get(x) is s]
+        position, readers = self.position, self.readers.get(s, [])
         if not readers:
             return None
         if not (_aligned(n, y, None) or any(_aligned(n, y, x) for x in n.inputs if self.storage.get(x) is s)):
@@ -337,10 +343,11 @@ class _Planner:
             in_place = p.kind == "in_place" and p.in_place_of == old.name
             if in_place:
                 why = self.update_why.get(new, "in place")
+            elif f.update_of[new] is not old:
+                why = f"not in place: %{new.name} is also the new value of %{f.update_of[new].name}; copied " \
+                      f"into %{old.name} at the end"
             elif new in self.update_why:
                 why = f"not in place: {self.update_why[new]}; copied into %{old.name} at the end"
-            elif p.kind == "in_place" and old is not f.update_of.get(new):
-                why = f"not in place: %{new.name} is also the new value of %{f.update_of[new].name}"
             else:
                 why = f"not in place: %{new.name} is {_kind_words(p)}; copied into %{old.name} at the end"
             updates.append(UpdatePlan(old.name, new.name, in_place, why))
@@ -419,13 +426,16 @@ class _Scheduler:
         for v, us in f.users.items():
             self.readers.setdefault(f.source(v), set()).update(f.unit_of[u] for u in us)
         self.created = {i: [v for n in u for v in n.outputs if f.stored(v)] for i, u in enumerate(steps)}
+        self.reads = {i: {src for src, rs in self.readers.items() if i in rs} for i in range(len(steps))}
+        self.stored = {src for vs in self.created.values() for src in vs}
 
     def writer(self, update: tuple[Value, Value]) -> int | None:
         p = self.facts.producer.get(update[1])
         return None if p is None else self.facts.unit_of[p]
 
     def constraining(self) -> list[tuple[Value, Value]]:
-        """Updates whose write-after-read edges may delay their step past some reader of a buffer."""
+        """Updates whose write-after-read edges may order their step after some reader it does not
+        depend on anyway."""
         out = []
         for upd in self.g.updates:
             w = self.writer(upd)
@@ -433,33 +443,69 @@ class _Scheduler:
                 out.append(upd)
         return out
 
-    def order(self, keep: list[tuple[Value, Value]]) -> list[int]:
-        f = self.facts
+    def worth_relaxing(self, upd: tuple[Value, Value]) -> bool:
+        """Whether running the update's step earlier could free more than its value costs: it reads
+        buffers (activations) bigger than the new value, which then waits in the arena."""
+        f, w = self.facts, self.writer(upd)
+        freed = sum(f.nbytes(src) for src in self.reads[w] if src in self.stored and src not in f.to_end)
+        return freed > f.nbytes(upd[1])
+
+    def war_edges(self, updates: list[tuple[Value, Value]]) -> dict[tuple[Value, Value], list[tuple[int, int]]]:
+        """(reader, writer) edges per update, added in turn where they make no cycle."""
         deps = {i: set(d) for i, d in self.deps.items()}
-        for upd in keep:
-            w = self.writer(upd)
-            for r in sorted(self.readers.get(upd[0], ()) - {w}) if w is not None else ():
+        out = {}
+        for upd in updates:
+            w, out[upd] = self.writer(upd), []
+            for r in sorted(self.readers.get(upd[0], ()) - {w}):
                 if not _reaches(deps, w, r):
                     deps[w].add(r)
+                    out[upd].append((r, w))
+        return out
+
+    def order(self, keep: list[tuple[Value, Value]], war: dict[tuple[Value, Value], list[tuple[int, int]]]
+              ) -> tuple[list[int], tuple[int, int]]:
+        """The order, and its estimated cost: (most bytes live, minus the updates in place)."""
+        f, n = self.facts, len(self.steps)
+        deps = {i: set(d) for i, d in self.deps.items()}
+        for upd in keep:
+            for r, w in war[upd]:
+                deps[w].add(r)
+        after: dict[int, list[int]] = {i: [] for i in range(n)}
+        for i, d in deps.items():
+            for j in d:
+                after[j].append(i)
+        waiting = {i: len(d) for i, d in deps.items()}
+        ready = {i for i, k in waiting.items() if k == 0}
         pending = {src: set(rs) for src, rs in self.readers.items()}
         live: set[Value] = set()  # stored values written by the steps done
-        done: set[int] = set()
         order: list[int] = []
+        now = peak = in_place = 0  # live bytes, their most, updates written after every reader
 
-        def growth(i: int) -> int:
-            grown = sum(f.nbytes(v) for v in self.created[i]
-                        if v not in f.update_of or pending.get(f.update_of[v], set()) - {i})
-            return grown - sum(f.nbytes(v) for v in live if pending[v] == {i} and v not in f.to_end)
+        def grown(i: int) -> int:
+            return sum(f.nbytes(v) for v in self.created[i]
+                       if v not in f.update_of or pending.get(f.update_of[v], set()) - {i})
 
-        while len(order) < len(self.steps):
-            ready = [i for i in range(len(self.steps)) if i not in done and deps[i] <= done]
-            best = min(ready, key=lambda i: (growth(i), i))
+        def freed(i: int) -> int:
+            return sum(f.nbytes(v) for v in self.reads[i] if v in live and pending[v] == {i} and v not in f.to_end)
+
+        while ready:
+            best = min(ready, key=lambda i: (grown(i) - freed(i), i))
+            ready.remove(best)
             order.append(best)
-            done.add(best)
-            for rs in pending.values():
-                rs.discard(best)
+            in_place += sum(1 for v in self.created[best] if v in f.update_of
+                            and not pending.get(f.update_of[v], set()) - {best})
+            now += grown(best)
+            peak = max(peak, now)
+            now -= freed(best)
+            for src in self.reads[best]:
+                pending[src].discard(best)
             live.update(v for v in self.created[best] if v in pending)
-        return order
+            for u in after[best]:
+                waiting[u] -= 1
+                if not waiting[u]:
+                    ready.add(u)
+        assert len(order) == n, "the step dependencies have a cycle"
+        return order, (peak, -in_place)
 
 
 def _reaches(deps: dict[int, set[int]], a: int, b: int) -> bool:
@@ -491,19 +537,26 @@ def plan_memory(g: Graph, batch: int = 256, reorder: bool = True) -> MemoryPlan:
     if reorder:
         sched = _Scheduler(g, batch, steps)
         updates = sched.constraining()
-        plans.append(plan(sched.order(updates), "memory-aware order keeping updates in place"))
-        for start in (updates, []):  # local search from both ends: give up or restore one order at a time
-            keep, best = list(start), plan(sched.order(start), "memory-aware order")
+        war = sched.war_edges(updates)
+        plans.append(plan(sched.order(updates, war)[0], "memory-aware order keeping updates in place"))
+        always = [u for u in updates if not sched.worth_relaxing(u)]
+        free = [u for u in updates if sched.worth_relaxing(u)]
+        trials = MAX_TRIALS
+        for start in (free, []):  # local search from both ends: give up or restore one order at a time
+            keep = list(start)
+            best, cost = sched.order(always + keep, war)
             improved = True
-            while improved:
+            while improved and trials > 0:
                 improved = False
-                for upd in updates:
-                    trial_keep = [u for u in updates if (u in keep) != (u is upd)]
-                    trial = plan(sched.order(trial_keep), "memory-aware order")
-                    if _cost(trial) < _cost(best):
-                        keep, best, improved = trial_keep, trial, True
-            if all(_cost(best) != _cost(p) for p in plans):
-                plans.append(best)
+                for upd in free[:trials]:
+                    trials -= 1
+                    trial_keep = [u for u in free if (u in keep) != (u is upd)]
+                    trial, trial_cost = sched.order(always + trial_keep, war)
+                    if trial_cost < cost:
+                        keep, best, cost, improved = trial_keep, trial, trial_cost, True
+            candidate = plan(best, "memory-aware order")
+            if all(_cost(candidate) != _cost(p) for p in plans):
+                plans.append(candidate)
     chosen = min(plans, key=_cost)
     chosen.considered = [(p.schedule, p.peak, len(p.in_place_updates)) for p in plans]
     return chosen

@@ -37,14 +37,20 @@ def load_module(source: str, cache_dir: str, stem: str):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(source)
         os.replace(tmp, path)  # atomic: a concurrent reader sees all of it or nothing
-    module_name = f"gradfuse_kernels.{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name], path
+    return import_module(path), path
+
+
+def import_module(path: str):
+    """Import a generated module under a name derived from its file (stable across processes)."""
+    module_name = "gradfuse_kernels." + os.path.splitext(os.path.basename(path))[0]
+    loaded = sys.modules.get(module_name)
+    if loaded is not None and os.path.abspath(loaded.__file__) == os.path.abspath(path):
+        return loaded
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
-    return module, path
+    return module
 
 
 @dataclass

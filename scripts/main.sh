@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up, train the digits MLP with the compiled CPU program,
-# and show where to look at what gradfuse made of it.
+# write it as an artifact, and show where to look at what gradfuse made of it.
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-python examples/train_digits.py "$@"
+mkdir -p out
+gradfuse train examples/digits_mlp.py --epochs 10 --batch-size 64 --lr 0.05 --seed 0 \
+    --checkpoint out/digits_mlp.ckpt.npz --plot out/digits_mlp.png -o out/digits_mlp "$@"
 cat <<'MSG'
 
-Look inside (each prints IR; add --format dot for Graphviz):
+The trained model is the artifact out/digits_mlp (loss/accuracy curves: out/digits_mlp.png).
+  gradfuse run out/digits_mlp --input x.npy       # a later process runs it, compiling nothing
+  ls out/digits_mlp/ir                            # its IR at every stage: forward, backward, train, fused
+  ls out/digits_mlp/kernels                       # the generated Numba source
+
+Look inside the pipeline:
   gradfuse show examples/digits_mlp.py                          # forward IR
   gradfuse show examples/digits_mlp.py --stage backward         # the generated backward, with provenance
   gradfuse show examples/digits_mlp.py --stage train            # forward + backward + SGD update

@@ -131,6 +131,18 @@ def test_examples_run_planned_as_interpreted(steps, model, optimizer):
     assert moments and all(u.in_place for u in moments), [u.why for u in moments if not u.in_place]
 
 
+def test_unfused_training_step(example_model, steps):
+    """Without fusion every materialized node is a step: the weight-gradient GEMM is no longer
+    tied to its update, so every update is in place and %relu still dies early."""
+    _, feeds, _ = steps("digits_mlp", SGD(momentum=0.9))
+    g = training_step(example_model("digits_mlp"), SGD(momentum=0.9)).graph
+    plan = plan_memory(g, BATCH)
+    check_plan(plan)
+    assert len(plan.steps) == len(g.nodes) and len(plan.in_place_updates) == len(g.updates)
+    assert plan.peak <= 1.1 * plan.lower_bound and plan.peak <= 0.5 * plan.no_reuse
+    assert_same(g, plan, feeds)
+
+
 def test_batch_norm_running_statistics_update_in_place(steps):
     """batch_norm_train reads each running statistic at the index it writes (a declared aligned operand)."""
     _, _, plan = steps("residual_mlp", SGD(momentum=0.9))

@@ -1,0 +1,230 @@
+"""Ahead-of-time artifacts: everything a later process needs to run a compiled model, without
+tracing, passes or Numba compiling anything.
+
+An artifact is a directory::
+
+    manifest.json          format version, gradfuse/Numba versions, target, CPU, signature,
+                           graph hashes and a SHA-256 for every other file
+    ir/*.gfir              the printed IR of every stage (forward, backward, train, fused)
+    kernels/*.py           the generated Numba modules, and kernels/__pycache__ their compiled code
+    weights.npz            parameters, optimizer state, running statistics (no pickle)
+
+It is written to a temporary directory and renamed into place, so a crash leaves the old
+artifact or none. Loading checks every hash before any file is used (Numba's cache files are
+its own pickled format: a tampered one is refused before Numba reads it).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradfuse.errors import GradfuseError
+from gradfuse.ir.graph import ArgKind
+from gradfuse.ir.types import parse_type
+
+FORMAT = "gradfuse-artifact"
+FORMAT_VERSION = 1
+TARGET = "cpu"
+
+
+class ArtifactError(GradfuseError):
+    """An artifact that cannot be used as it is: the message says what differs."""
+
+
+def cpu_identity() -> dict[str, str]:
+    """What Numba compiles for: target triple, CPU name and features (its cache key)."""
+    from numba.core.registry import cpu_target
+
+    triple, name, features = cpu_target.target_context.codegen().magic_tuple()
+    return {"triple": triple, "cpu": name, "features": features}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import numba
+
+    import gradfuse
+
+    return {"gradfuse": gradfuse.__version__, "numba": numba.__version__, "numpy": np.__version__}
+
+
+@dataclass
+class SaveReport:
+    path: str
+    files: int
+    bytes: int
+
+
+def warm_up(compiled) -> None:
+    """Run each program once on zeros and copies of the weights, so that Numba compiles every
+    kernel now (into the module's on-disk cache) instead of in the process that loads it."""
+    from gradfuse.compiler import CompiledModel
+
+    scratch = CompiledModel(compiled.name, compiled.inputs, compiled.targets, compiled.predict_program,
+                            compiled.train_program, {k: v.copy() for k, v in compiled.weights.items()})
+
+    def zeros(t):
+        return np.zeros(t.concrete({s: 2 for s in t.symbols}), t.dtype.np)
+
+    scratch.predict(*[zeros(t) for t in compiled.inputs.values()])
+    if compiled.train_program is not None:
+        scratch.train_step(*[zeros(t) for t in {**compiled.inputs, **compiled.targets}.values()], lr=0.0)
+
+
+def save(compiled, path: str, stages: dict[str, str] | None = None) -> SaveReport:
+    """Write ``compiled`` (a CompiledModel) as an artifact at ``path``, atomically.
+
+    ``stages`` maps a stage name to its printed IR (``forward``, ``backward``, ``train``); the
+    fused IR that the programs run is always included."""
+    warm_up(compiled)
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(compiled, tmp, stages or {})
+        _swap_into_place(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    files = [f for f in glob.glob(os.path.join(path, "**"), recursive=True) if os.path.isfile(f)]
+    return SaveReport(path, len(files), sum(os.path.getsize(f) for f in files))
+
+
+def _write(compiled, root: str, stages: dict[str, str]) -> None:
+    os.makedirs(os.path.join(root, "ir"))
+    os.makedirs(os.path.join(root, "kernels", "__pycache__"))
+    programs = {}
+    for name, text in stages.items():
+        with open(os.path.join(root, "ir", f"{name}.gfir"), "w", encoding="utf-8") as f:
+            f.write(text)
+    for name, prog in compiled.programs().items():
+        ir_file = f"ir/{name}.fused.gfir"
+        with open(os.path.join(root, ir_file), "w", encoding="utf-8") as f:
+            f.write(str(prog.graph))
+        module = os.path.basename(prog.path)
+        shutil.copy2(prog.path, os.path.join(root, "kernels", module))  # keeps the mtime Numba's cache checks
+        stem = os.path.splitext(module)[0]
+        cached = glob.glob(os.path.join(os.path.dirname(prog.path), "__pycache__", f"{stem}.*"))
+        if not cached:
+            raise ArtifactError(f"no compiled code found for {module} (is Numba's cache disabled?)")
+        for c in cached:
+            shutil.copy2(c, os.path.join(root, "kernels", "__pycache__", os.path.basename(c)))
+        programs[name] = {"ir": ir_file, "module": f"kernels/{module}",
+                          "graph_hash": hashlib.sha256(str(prog.graph).encode()).hexdigest()}
+    np.savez(os.path.join(root, "weights.npz"), **compiled.weights)
+    files = {}
+    for f in sorted(glob.glob(os.path.join(root, "**"), recursive=True)):
+        if os.path.isfile(f):
+            files[os.path.relpath(f, root)] = _sha256(f)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(), "target": TARGET,
+        "cpu": cpu_identity(), "model": compiled.name, "optimizer": compiled.optimizer,
+        "inputs": {k: str(t) for k, t in compiled.inputs.items()},
+        "targets": {k: str(t) for k, t in compiled.targets.items()},
+        "programs": programs, "files": files,
+    }
+    with open(os.path.join(root, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _swap_into_place(tmp: str, path: str) -> None:
+    """Replace ``path`` by ``tmp``: at every moment ``path`` is the old artifact, the new one,
+    or (between two renames) absent — never a mixture."""
+    old = f"{path}.old-{os.getpid()}"
+    if os.path.exists(path):
+        if not os.path.exists(os.path.join(path, "manifest.json")) and os.listdir(path):
+            raise ArtifactError(f"{path} exists and is not a gradfuse artifact: refusing to replace it")
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(path: str) -> dict:
+    mpath = os.path.join(path, "manifest.json")
+    if not os.path.isdir(path):
+        raise ArtifactError(f"{path}: no such artifact directory")
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: not a gradfuse artifact (no manifest.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}/manifest.json is corrupted: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: manifest.json does not describe a gradfuse artifact")
+    return manifest
+
+
+def verify(path: str, manifest: dict, target: str = TARGET, recompile: bool = False) -> None:
+    """Refuse an artifact that is not exactly what its manifest says, in words."""
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: artifact format version {version}, this gradfuse reads version "
+                            f"{FORMAT_VERSION}: recompile the model with this gradfuse")
+    if manifest.get("target") != target:
+        raise ArtifactError(f"{path}: compiled for target {manifest.get('target')!r}, not {target!r}")
+    for rel, digest in manifest.get("files", {}).items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            raise ArtifactError(f"{path}: {rel} is missing")
+        if _sha256(full) != digest:
+            raise ArtifactError(f"{path}: {rel} does not match its hash in the manifest (corrupted or edited)")
+    here, there = cpu_identity(), manifest.get("cpu", {})
+    if here != there and not recompile:
+        differs = ", ".join(f"{k}: built for {there.get(k)!r}, this machine {here[k]!r}"
+                            for k in here if here[k] != there.get(k))
+        raise ArtifactError(f"{path}: compiled for another CPU ({differs[:300]}); load it with recompile=True "
+                            "(gradfuse run --recompile) to compile its kernels for this one")
+    versions = manifest.get("versions", {})
+    if versions.get("numba") != _versions()["numba"] and not recompile:
+        raise ArtifactError(f"{path}: compiled with Numba {versions.get('numba')}, this is Numba "
+                            f"{_versions()['numba']}; load it with recompile=True to compile its kernels again")
+
+
+def load(path: str, recompile: bool = False, check_cpu: bool = True):
+    """The CompiledModel in the artifact at ``path``; nothing is traced, no pass runs, and with a
+    matching CPU Numba loads every kernel from the artifact's cache instead of compiling it."""
+    from gradfuse.codegen.kernel_ir import lower
+    from gradfuse.compiler import CompiledModel
+    from gradfuse.ir.parser import parse_graph
+    from gradfuse.runtime.program import Program, import_module
+
+    path = os.path.abspath(path)
+    manifest = read_manifest(path)
+    verify(path, manifest, recompile=recompile or not check_cpu)
+    programs = {}
+    for name, info in manifest["programs"].items():
+        with open(os.path.join(path, info["ir"]), encoding="utf-8") as f:
+            graph = parse_graph(f.read(), file=info["ir"])
+        module_path = os.path.join(path, info["module"])
+        with open(module_path, encoding="utf-8") as f:
+            source = f.read()
+        programs[name] = Program(graph, lower(graph), source, module_path, import_module(module_path))
+    with np.load(os.path.join(path, "weights.npz"), allow_pickle=False) as f:
+        weights = {k: np.array(f[k]) for k in f.files}
+    for prog in programs.values():
+        for kind, v in prog.graph.args:
+            if kind is not ArgKind.input and (v.name not in weights or weights[v.name].shape !=
+                                              v.type.concrete({}) or weights[v.name].dtype != v.type.dtype.np):
+                raise ArtifactError(f"{path}: weights.npz has no {v.type} array for %{v.name}")
+    return CompiledModel(manifest["model"], {k: parse_type(t) for k, t in manifest["inputs"].items()},
+                         {k: parse_type(t) for k, t in manifest["targets"].items()}, programs["predict"],
+                         programs.get("train"), weights, manifest.get("optimizer", "none"))
