@@ -269,26 +269,26 @@ f32, f64, i32, i64, b1 = np.float32, np.float64, np.int32, np.int64, np.bool_
 '''
 
 
-def print_module(prog: KernelProgram, fastmath: bool = True) -> str:
-    """The whole program as Python source."""
+def print_module(prog: KernelProgram, fastmath: bool = True, jit_step: bool = True) -> str:
+    """The whole program as Python source. ``jit_step=False`` leaves ``step`` a Python function:
+    Numba links every kernel into a jitted caller and compiles it all again, which doubles the
+    compile time of programs with hundreds of kernels (tests); the price is a dispatch per kernel."""
     g = prog.graph
     body = Writer()
-    names: dict[str, Kernel] = {}
     for k in prog.kernels:
         kp = KernelPrinter(k, body)
-        parallel = kp.parallel
-        body(f"@njit(cache=True, fastmath={fastmath}, parallel={parallel}, nogil=True)")
+        body(f"@njit(cache=True, fastmath={fastmath}, parallel={kp.parallel}, nogil=True)")
         body(f"def {k.name}({', '.join(kp.signature())}):")
         body.indent()
         kp.print()
         body("return")
         body.dedent()
         body()
-        names[k.name] = k
     # the step function: every kernel, in order
     args = [arr(v) for _, v in g.args]
     bufs = [arr(v) for v in prog.buffers]
-    body("@njit(cache=True, nogil=True)")
+    if jit_step:
+        body("@njit(cache=True, nogil=True)")
     body(f"def step({', '.join(args + bufs)}):")
     body.indent()
     bound = set()
@@ -297,15 +297,17 @@ def print_module(prog: KernelProgram, fastmath: bool = True) -> str:
             if isinstance(d, str) and d not in bound:
                 body(f"{d} = {arr(v)}.shape[{axis}]")
                 bound.add(d)
+    returned = set(prog.buffers)
     for item in prog.schedule:
-        if isinstance(item, Node):  # a view: reshape shares the buffer
+        if isinstance(item, Node):  # a view: reshape shares the buffer, or fills the one returned
             x, y = item.inputs[0], item.outputs[0]
-            body(f"{arr(y)} = {arr(x)}.reshape({_shape_expr(y.type.shape)})")
+            view = f"{arr(x)}.reshape({_shape_expr(y.type.shape)})"
+            body(f"{arr(y)}[...] = {view}" if y in returned else f"{arr(y)} = {view}")
         else:
             body(f"{item.name}({', '.join(KernelPrinter(item, Writer()).signature())})")
     for old, new in g.updates:
         if new is not old:
-            body(f"{arr(old)}[...] = {arr(new)}" if old.type.rank else f"{arr(old)}[()] = {arr(new)}[()]")
+            body(f"{arr(old)}[...] = {arr(new)}")
     body("return")
     body.dedent()
     code = "\n".join(body.lines)
@@ -313,4 +315,3 @@ def print_module(prog: KernelProgram, fastmath: bool = True) -> str:
                for name, ftype in ordered_helpers(helpers_used(code))]
     header = HEADER.format(name=g.name, what="one training/inference step as Numba kernels")
     return header + "\n\n" + "\n\n".join(helpers) + ("\n\n" if helpers else "") + code + "\n"
-

@@ -74,7 +74,7 @@ class KernelProgram:
     graph: Graph
     kernels: list[Kernel]
     schedule: list[Kernel | Node]  # kernels and kernel-less nodes (views) in order
-    buffers: list[Value]  # values that live in memory between kernels (not arguments)
+    buffers: list[Value]  # values kernels write (and returned views), allocated by the caller
     symbols: list[str]  # batch-size symbols, bound from the arguments at run time
 
 
@@ -246,8 +246,9 @@ def lower(g: Graph) -> KernelProgram:
             k = lw.kernel(f"k{len(kernels)}", groups[item])
             kernels.append(k)
             schedule[i] = k
-    args = {v for _, v in g.args}
-    buffers = [v for n in g.nodes for v in n.outputs if v in lw.materialized and v not in args]
+    # a view is a local of the step function; it gets a buffer (a copy) only when it is returned
+    buffers = [v for n in g.nodes for v in n.outputs
+               if v in lw.materialized and (role(n) != "view" or v in lw.outs)]
     return KernelProgram(g, kernels, schedule, buffers, lw.symbols)
 
 

@@ -79,6 +79,14 @@ def dropout(x, step, index, seed, stream, p):
     return F(0.0)
 
 
+def tanh_exact(x):
+    """float64 keeps libm's tanh: the rational approximation's ~1e-7 would cost nine digits."""
+    return math.tanh(x)
+
+
+# (helper, float type) -> the function used instead of the generic helper for that type
+SPECIAL = {("fast_tanh", "f64"): tanh_exact}
+
 HELPERS = {f.__name__: f for f in (fast_tanh, sigmoid, gelu_tanh, gelu_none, gelu_grad_tanh, gelu_grad_none,
                                    hash32, counter_uniform, dropout)}
 _CALL = re.compile(r"\b(" + "|".join(HELPERS) + r")\(")
@@ -95,21 +103,22 @@ def helpers_used(code: str) -> set[tuple[str, str]]:
     todo = list(found)
     while todo:
         name, ftype = todo.pop()
-        for callee in _CALL.findall(_body(name)):
+        for callee in _CALL.findall(_body(name, ftype)):
             if (callee, ftype) not in found:
                 found.add((callee, ftype))
                 todo.append((callee, ftype))
     return found
 
 
-def _body(name: str) -> str:
-    return inspect.getsource(HELPERS[name])
+def _body(name: str, ftype: str) -> str:
+    return inspect.getsource(SPECIAL.get((name, ftype), HELPERS[name]))
 
 
 def helper_source(name: str, ftype: str, decorator: str) -> str:
     """The helper's source for one float type, under ``decorator``."""
-    src = specialise(_body(name), ftype)
-    src = re.sub(rf"^def {name}_{ftype}\(|^def {name}\(", f"def {name}_{ftype}(", src, flags=re.M)
+    fn = SPECIAL.get((name, ftype), HELPERS[name])
+    src = specialise(inspect.getsource(fn), ftype)
+    src = re.sub(rf"^def {fn.__name__}\(", f"def {name}_{ftype}(", src, flags=re.M)
     src = re.sub(r"\bF\(", f"{ftype}(", src)
     return f"{decorator}\n{src}"
 

@@ -4,7 +4,8 @@ a wrong plan gives wrong numbers.
 One uint8 arena of ``plan.peak`` bytes (filled with 0xFF: unwritten f32 reads as NaN); every
 value the plan stores in it is a numpy view at its offset, written with ``np.copyto`` by the node
 computing it and read back from there by every later node. Values updated in place write into
-(copies of) the argument arrays. Only values kept in registers and immediates are temporaries.
+(copies of) the argument arrays. Only immediates and register values are temporaries, and
+register values are dropped when their kernel ends.
 """
 
 from __future__ import annotations
@@ -48,23 +49,26 @@ def run_planned(g: Graph, plan: MemoryPlan, feeds: Mapping[str, np.ndarray]) -> 
         a = storage(v)
         return temps[v] if a is None else a
 
-    for n in planned:
-        if role(n) == "view" and storage(n.outputs[0]) is not None:
-            continue  # the view reads its operand's bytes: nothing to compute
-        opdef = get_op(n.op)
-        if role(n) == "immediate":  # reads only shapes: give it no data
-            inputs = [np.empty(v.type.concrete(bindings), v.type.dtype.np) for v in n.inputs]
-        else:
-            inputs = [read(v) for v in n.inputs]
-        outs = opdef.run_ref(inputs, concrete_attrs(n.attrs, opdef.attrs, bindings))
-        for v, a in zip(n.outputs, outs, strict=True):
-            a = np.array(a, copy=True)  # never a view of an operand's storage
-            assert a.dtype == v.type.dtype.np and a.shape == v.type.concrete(bindings), f"{n.op}: ref gave {a.dtype}"
-            dst = storage(v)
-            if dst is None:
-                temps[v] = a
+    for step in plan.steps:
+        for n in step.nodes:
+            if role(n) == "view" and storage(n.outputs[0]) is not None:
+                continue  # the view reads its operand's bytes: nothing to compute
+            opdef = get_op(n.op)
+            if role(n) == "immediate":  # reads only shapes: give it no data
+                inputs = [np.empty(v.type.concrete(bindings), v.type.dtype.np) for v in n.inputs]
             else:
-                np.copyto(dst, a)
+                inputs = [read(v) for v in n.inputs]
+            outs = opdef.run_ref(inputs, concrete_attrs(n.attrs, opdef.attrs, bindings))
+            for v, a in zip(n.outputs, outs, strict=True):
+                a = np.array(a, copy=True)  # never a view of an operand's storage
+                assert a.dtype == v.type.dtype.np and a.shape == v.type.concrete(bindings), f"{n.op}: {a.dtype}"
+                dst = storage(v)
+                if dst is None:
+                    temps[v] = a
+                else:
+                    np.copyto(dst, a)
+        for v in [v for v in temps if plan.values[v.name].kind == "register"]:
+            del temps[v]  # registers end with their kernel
     outputs = [np.array(read(v)) for v in g.outputs]
     state = {old.name: np.array(read(new)) for old, new in g.updates}
     env = {v.name: a for v, a in zip(g.outputs, outputs, strict=True)}
