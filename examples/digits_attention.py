@@ -24,15 +24,10 @@ class RowAttention(nn.Module):
         return self.head(F.mean(h, axis=1))
 
 
-def digits_as_rows():
-    data = datasets.digits()
-    return {k: v.reshape(-1, 8, 8) if k.startswith("x") else v for k, v in data.items()}
-
-
 model = gf.Model(
     RowAttention(),
     inputs={"x": "f32[N,8,8]"},
     targets={"y": "i64[N]"},
     loss=F.cross_entropy,
-    data=digits_as_rows,
+    data=lambda: datasets.digits(images=True),
 )

@@ -34,15 +34,10 @@ class ResidualMLP(nn.Module):
         return self.head(self.blocks(h))
 
 
-def digits_as_images():
-    data = datasets.digits()
-    return {k: v.reshape(-1, 8, 8) if k.startswith("x") else v for k, v in data.items()}
-
-
 model = gf.Model(
     ResidualMLP(),
     inputs={"x": "f32[N,8,8]"},
     targets={"y": "i64[N]"},
     loss=F.cross_entropy,
-    data=digits_as_images,
+    data=lambda: datasets.digits(images=True),
 )
