@@ -264,12 +264,30 @@ class Fuser:
                     break
 
     def _why_not_moved(self, n: Node, dst: Group) -> str | None:
-        saved = self.group_of[n]
+        src = self.group_of[n]
+        if self._reaches_through_others(src, dst):
+            return "a kernel between them reads its result (fusing would create a cycle)"
         self.group_of[n] = None  # judge n as if it were not yet placed
         try:
             return self.why_not(n, dst)
         finally:
-            self.group_of[n] = saved
+            self.group_of[n] = src
+
+    def _reaches_through_others(self, src: Group, dst: Group) -> bool:
+        """Whether a path leaves ``src`` through another kernel and arrives in ``dst``: merging the
+        two would then make the merged kernel depend on itself."""
+        inside = set(src.nodes) | set(dst.nodes)
+        stack = [u for n in src.nodes for v in n.outputs for u in self.users[v] if u not in inside]
+        seen: set[Node] = set()
+        while stack:
+            u = stack.pop()
+            if u in seen:
+                continue
+            seen.add(u)
+            if self.group_of.get(u) is dst:
+                return True
+            stack.extend(w for v in u.outputs for w in self.users[v])
+        return False
 
     def _neighbours(self, grp: Group) -> list[Group]:
         """Kernels that produce, consume, or also read (horizontal fusion) this group's values."""

@@ -131,3 +131,22 @@ def test_fusion_never_changes_results(g):
         current = n.kernel
     assert report.bytes_after <= report.bytes_before
     assert_same_results(g, fused, random_feeds(g))
+
+
+def test_no_merge_across_a_kernel_that_reads_the_result():
+    """%a's kernel must not absorb %c, which needs %t = transpose(%a) from another kernel."""
+    g = parse_graph("""\
+func @f(
+    input %x: f32[N],
+) {
+  %a: f32[N] = add %x, %x
+  %t: f32[N] = transpose %a {perm=[0]}
+  %b: f32[N] = add %x, %x
+  %c: f32[N] = add %x, %t
+  return %a, %c
+}
+""")
+    fused, _ = fuse(g)
+    order = [n.outputs[0].name for n in fused.nodes]
+    assert order.index("a") < order.index("t") < order.index("c")
+    assert_same_results(g, fused, random_feeds(g))
