@@ -203,6 +203,8 @@ class _Values:
         n = self.producer.get(v)
         if n is None or not _materialized(n):
             return False
+        if role(n) == "gemm":  # BLAS writes the whole product to memory before any epilogue reads it
+            return True
         return v in self.to_end or any(self.unit_of[u] != self.unit_of[n] for u in self.users[v])
 
 
