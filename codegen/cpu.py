@@ -22,11 +22,18 @@ import numpy as np
 from gradfuse.ir.graph import Node, Value
 
 from . import cpu_templates
-from .kernel_ir import CTOR, Kernel, KernelProgram, Loop, local_name
+from .cpu_templates import store_index
+from .kernel_ir import CTOR, Access, Kernel, KernelProgram, Loop, local_name
 from .scalar_lib import helper_source, helpers_used, ordered_helpers
 
 PARALLEL_ELEMENTS = 1 << 16  # loops smaller than this (at N=256) run serially: prange costs ~6 µs a call
 NOMINAL_BATCH = 256
+# x / 0 gives inf or nan as in numpy (the reference), not Python's ZeroDivisionError, whose check
+# is a branch in every division of every loop
+NUMPY_ERRORS = "error_model='numpy'"
+# fast-math without 'nnan' and 'ninf': reassociation (vectorised reductions), FMA contraction and
+# reciprocals, but inf and nan stay IEEE (with them LLVM folded x / (s - s) to a finite number)
+FASTMATH = "{'reassoc', 'contract', 'arcp', 'nsz'}"
 ROW_OPS = cpu_templates.ROW_TEMPLATES
 
 
@@ -85,9 +92,9 @@ class KernelPrinter:
         return arr(v)
 
     def scalar(self, v: Value) -> str:
-        """A scalar operand: its constant's local, or element () of its buffer."""
-        local = local_name(v)
-        return local if local in self.k.consts else f"{arr(v)}[()]"
+        """A scalar operand: its constant's local, or the local its buffer was read into."""
+        assert local_name(v) in self.k.consts or v in self.k.reads and v.type.rank == 0, v
+        return local_name(v)
 
     # -- loops ------------------------------------------------------------------------------
     def loop_body(self, loop: Loop, ivars: list[str], extra: dict[str, str] | None = None) -> None:
@@ -100,11 +107,12 @@ class KernelPrinter:
             if local != expr:
                 w(f"{local} = {expr}")
         for local, access in loop.loads:
-            w(f"{local} = {arr(access.value)}{_index(access, ivars)}")
+            if access.value.type.rank:  # 0-d buffers were read at the top of the kernel
+                w(f"{local} = {arr(access.value)}{_index(access, ivars)}")
         for s in loop.stmts:
             w(f"{s.local} = {s.expr}")
         for v, local in loop.stores:
-            w(f"{arr(v)}{_store_index(v, loop.space, ivars)} = {local}")
+            w(f"{arr(v)}{store_index(v, loop.space, ivars)} = {local}")
 
     def nested(self, space, parallel: bool) -> list[str]:
         """Open loops over ``space``; returns the index variables (close with dedent)."""
@@ -122,12 +130,10 @@ class KernelPrinter:
         self.w.dedent(len(loop.space))
 
     @property
-    def parallel(self) -> bool:
-        k = self.k
-        spaces = [lp.space for lp in (k.prologue, k.epilogue) if lp is not None]
-        if k.kind == "row" and k.anchors[0].op in ROW_OPS:
-            spaces.append(k.anchors[0].inputs[0].type.shape)
-        return any(size_of(s) >= PARALLEL_ELEMENTS and len(s) > 0 for s in spaces)
+    def parallel_rows(self) -> bool:
+        """Whether a row kernel's loop over rows should be a prange: work enough at N=256."""
+        x = self.k.anchors[0].inputs[0]
+        return size_of(x.type.shape) >= PARALLEL_ELEMENTS and x.type.rank > 0
 
     # -- kernel kinds -------------------------------------------------------------------------
     def print(self) -> None:
@@ -138,6 +144,9 @@ class KernelPrinter:
               + (f"  ({where})" if where else ""))
         for local, expr in k.consts.items():
             w(f"{local} = {expr}")
+        for v in k.reads:  # once, outside any prange: Numba's parfors cannot index a 0-d array
+            if v.type.rank == 0:
+                w(f"{local_name(v)} = {arr(v)}[()]")
         if k.kind == "elementwise":
             self.elementwise(k.epilogue)
         elif k.kind == "gemm":
@@ -150,18 +159,16 @@ class KernelPrinter:
             self.whole_tensor()
 
     def gemm(self) -> None:
+        """BLAS into the product's buffer, then the epilogue over it."""
         k, w = self.k, self.w
         mm = k.anchors[0]
         a, b = mm.inputs
         out = mm.outputs[0]
-        dest = arr(k.gemm_dest) if k.gemm_dest is not None else f"t_{local_name(out)[2:]}"
-        if k.gemm_dest is None:
-            w(f"{dest} = np.empty({_shape_expr(out.type.shape)}, {CTOR[out.type.dtype]})")
-        cpu_templates.gemm(w, mm, arr(a), arr(b), dest)
+        cpu_templates.gemm(w, mm, arr(a), arr(b), arr(out))
         if k.epilogue is not None:
             loop = k.epilogue
             ivars = self.nested(loop.space, size_of(loop.space) >= PARALLEL_ELEMENTS)
-            self.loop_body(loop, ivars, {local_name(out): f"{dest}{_store_index(out, loop.space, ivars)}"})
+            self.loop_body(loop, ivars, {local_name(out): f"{arr(out)}{store_index(out, loop.space, ivars)}"})
             w.dedent(len(loop.space))
 
     def reduction(self) -> None:
@@ -214,11 +221,10 @@ class KernelPrinter:
         """A function printing the code that puts element ``x[ivars]`` in local ``v_x``."""
 
         def emit(ivars: list[str]) -> None:
-            if prologue is not None and any(s.node.outputs[0] is x for s in prologue.stmts):
+            if prologue is not None:  # once per input element, even where the anchor reads memory
                 self.loop_body(prologue, ivars)
-            else:
-                self.w(f"{local_name(x)} = {arr(x)}[{', '.join(ivars)}]" if ivars else
-                       f"{local_name(x)} = {arr(x)}[()]")
+            if prologue is None or all(s.node.outputs[0] is not x for s in prologue.stmts):
+                self.w(f"{local_name(x)} = {arr(x)}{_index(Access(x, tuple(range(len(ivars)))), ivars)}")
 
         return emit
 
@@ -228,7 +234,7 @@ class KernelPrinter:
         if self.k.epilogue is not None:
             self.loop_body(self.k.epilogue, ivars, {})
         if y in self.k.writes:
-            w(f"{arr(y)}{_store_index(y, out_space, ivars)} = {local_name(y)}")
+            w(f"{arr(y)}{store_index(y, out_space, ivars)} = {local_name(y)}")
 
     def _row_ok(self) -> bool:
         """One pass per row needs every anchor to read the same tensor along the same axis."""
@@ -249,16 +255,6 @@ def _shape_expr(shape) -> str:
     return "(" + "".join(f"{_dim(d)}, " for d in shape) + ")"
 
 
-def _store_index(v: Value, space, ivars: list[str]) -> str:
-    """Index of ``v`` (whose shape broadcasts into ``space``) at loop position ``ivars``."""
-    k, rank = v.type.rank, len(space)
-    parts = []
-    for j, d in enumerate(v.type.shape):
-        axis = rank - k + j
-        parts.append("0" if d == 1 and space[axis] != 1 else ivars[axis])
-    return "[" + ", ".join(parts) + "]" if parts else "[()]"
-
-
 HEADER = '''"""Generated by gradfuse from @{name}; do not edit: {what}."""
 import math
 
@@ -274,15 +270,19 @@ def print_module(prog: KernelProgram, fastmath: bool = True, jit_step: bool = Tr
     Numba links every kernel into a jitted caller and compiles it all again, which doubles the
     compile time of programs with hundreds of kernels (tests); the price is a dispatch per kernel."""
     g = prog.graph
+    flags = FASTMATH if fastmath else False
     body = Writer()
     for k in prog.kernels:
-        kp = KernelPrinter(k, body)
-        body(f"@njit(cache=True, fastmath={fastmath}, parallel={kp.parallel}, nogil=True)")
-        body(f"def {k.name}({', '.join(kp.signature())}):")
-        body.indent()
+        kernel = Writer()
+        kernel.indent()
+        kp = KernelPrinter(k, kernel)
         kp.print()
-        body("return")
-        body.dedent()
+        # parallel=True only where a prange was printed: it costs ~0.7 s of compile per kernel
+        parallel = any("prange(" in line for line in kernel.lines)
+        body(f"@njit(cache=True, fastmath={flags}, parallel={parallel}, nogil=True, {NUMPY_ERRORS})")
+        body(f"def {k.name}({', '.join(kp.signature())}):")
+        body.lines += kernel.lines
+        body("    return")
         body()
     # the step function: every kernel, in order
     args = [arr(v) for _, v in g.args]
@@ -311,7 +311,7 @@ def print_module(prog: KernelProgram, fastmath: bool = True, jit_step: bool = Tr
     body("return")
     body.dedent()
     code = "\n".join(body.lines)
-    helpers = [helper_source(name, ftype, f"@njit(cache=True, fastmath={fastmath}, inline='always')")
+    helpers = [helper_source(name, ftype, f"@njit(cache=True, fastmath={flags}, inline='always', {NUMPY_ERRORS})")
                for name, ftype in ordered_helpers(helpers_used(code))]
     header = HEADER.format(name=g.name, what="one training/inference step as Numba kernels")
     return header + "\n\n" + "\n\n".join(helpers) + ("\n\n" if helpers else "") + code + "\n"

@@ -4,6 +4,8 @@ other structured and layout ops. Called by :mod:`codegen.cpu`."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from gradfuse.ir.graph import Node, Value
 
 from .kernel_ir import CTOR, CodegenError, float_ctor, local_name
@@ -189,7 +191,7 @@ def row_kernel(kp) -> None:
         if ROW_TEMPLATES[a.op][1]:
             accs[a] = f"acc_{local_name(a.outputs[0])[2:]}"
             w(f"{accs[a]} = {ftype}(0.0)")
-    w(f"for r in {'prange' if kp.parallel else 'range'}(R):")
+    w(f"for r in {'prange' if kp.parallel_rows else 'range'}(R):")
     w.indent()
     lead = [f"i{d}" for d in range(x.type.rank) if d != axis]
     rest = "r"
@@ -205,17 +207,19 @@ def row_kernel(kp) -> None:
         return ", ".join([*lead[:axis], j, *lead[axis:]])
 
     ctx = RowCtx(kp, x, ftype)
-    if k.prologue is not None:
-        w(f"t_x = np.empty(C, {CTOR[x.type.dtype]})")
+    xa = kp.arr(x)
+    ctx.read = lambda j: f"{xa}[{at(j)}]"
+    if k.prologue is not None:  # x (when the prologue makes it) into a row buffer
+        made = any(s.node.outputs[0] is x for s in k.prologue.stmts)
+        if made:
+            w(f"t_x = np.empty(C, {CTOR[x.type.dtype]})")
+            ctx.read = lambda j: f"t_x[{j}]"
         w(f"for {jv} in range(C):")
         w.indent()
         kp.loop_body(k.prologue, full)
-        w(f"t_x[{jv}] = {local_name(x)}")
+        if made:
+            w(f"t_x[{jv}] = {local_name(x)}")
         w.dedent()
-        ctx.read = lambda j: f"t_x[{j}]"
-    else:
-        xa = kp.arr(x)
-        ctx.read = lambda j: f"{xa}[{at(j)}]"
     row_outs = {}
     for a in k.anchors:
         template, scalar = ROW_TEMPLATES[a.op]
@@ -239,38 +243,52 @@ def row_kernel(kp) -> None:
         w.dedent()
     w.dedent()
     for a, acc in accs.items():
-        w(f"{kp.arr(a.outputs[0])}[()] = {acc} / {ftype}(R)")
+        v = a.outputs[0]
+        w(f"{local_name(v)} = {acc} / {ftype}(R)")
+        if v in k.writes:
+            w(f"{kp.arr(v)}[()] = {local_name(v)}")
+    if k.finale is not None:
+        kp.loop_body(k.finale, [])
 
 
 # ---- whole-tensor templates ------------------------------------------------------------------
 def whole_tensor_kernel(kp) -> None:
-    """Prologue into temporaries, the op over whole tensors, then the epilogue loop."""
+    """Prologue into temporaries, each anchor's template over whole tensors (an MSE and its
+    gradient share a kernel), then the epilogue and finale loops."""
     k, w = kp.k, kp.w
-    if len(k.anchors) != 1:
-        raise CodegenError(f"cannot lower a kernel with anchors {[a.op for a in k.anchors]}")
-    a = k.anchors[0]
-    if k.prologue is not None:
-        made = [s.node.outputs[0] for s in k.prologue.stmts]
-        for v in made:
-            if v in a.inputs and v not in k.writes:
-                w(f"{kp.arr(v)} = np.empty({_shape(v)}, {CTOR[v.type.dtype]})")
-                k.prologue.stores.append((v, local_name(v)))
-        kp.elementwise(k.prologue)
-    for v in a.outputs:
+    inputs = {v for a in k.anchors for v in a.inputs}
+    outputs = [v for a in k.anchors for v in a.outputs]
+    if k.prologue is not None:  # into temporaries: the templates read whole tensors
+        temps = [s.node.outputs[0] for s in k.prologue.stmts
+                 if s.node.outputs[0] in inputs and s.node.outputs[0] not in k.writes]
+        for v in temps:
+            w(f"{kp.arr(v)} = np.empty({_shape(v)}, {CTOR[v.type.dtype]})")
+        kp.elementwise(replace(k.prologue, stores=k.prologue.stores + [(v, local_name(v)) for v in temps]))
+    for v in outputs:
         if v not in k.writes:
             w(f"{kp.arr(v)} = np.empty({_shape(v)}, {CTOR[v.type.dtype]})")
-    template = TEMPLATES.get(a.op)
-    if template is None:
-        raise CodegenError(f"no CPU template for {a.op} (%{a.outputs[0].name})")
-    template(kp, a, [kp.arr(v) for v in a.inputs], [kp.arr(v) for v in a.outputs])
-    if k.epilogue is not None:
-        loop = k.epilogue
-        extra = {}
+    for a in k.anchors:
+        template = TEMPLATES.get(a.op)
+        if template is None:
+            raise CodegenError(f"no CPU template for {a.op} (%{a.outputs[0].name}) in kernel {k.name} "
+                               f"with {[b.op for b in k.anchors]}")
+        template(kp, a, [kp.arr(v) for v in a.inputs], [kp.arr(v) for v in a.outputs])
+    for loop in (k.epilogue, k.finale):
+        if loop is None:
+            continue
         ivars = kp.nested(loop.space, False)
-        for v in a.outputs:
-            extra[local_name(v)] = f"{kp.arr(v)}[{', '.join(ivars)}]" if ivars else f"{kp.arr(v)}[()]"
-        kp.loop_body(loop, ivars, extra)
+        used = {u for s in loop.stmts for u in s.node.inputs}
+        kp.loop_body(loop, ivars, {local_name(v): f"{kp.arr(v)}{store_index(v, loop.space, ivars)}"
+                                   for v in outputs if v in used})
         w.dedent(len(loop.space))
+
+
+def store_index(v: Value, space, ivars: list[str]) -> str:
+    """Index of ``v`` (whose shape broadcasts into ``space``) at loop position ``ivars``."""
+    rank = len(space)
+    parts = ["0" if d == 1 and space[rank - v.type.rank + j] != 1 else ivars[rank - v.type.rank + j]
+             for j, d in enumerate(v.type.shape)]
+    return _ix(parts)
 
 
 def _shape(v: Value) -> str:
@@ -503,338 +521,6 @@ def _batch_norm_infer(kp, n, ins, outs):
     w("    for j in range(C):")
     w(f"        scale = {ins[1]}[j] / math.sqrt({ins[4]}[j] + {F}({n.attrs['eps']!r}))")
     w(f"        y2[r, j] = (x2[r, j] - {ins[3]}[j]) * scale + {ins[2]}[j]")
-
-
-TEMPLATES = {"softmax": (_row_softmax, False), "log_softmax": (_row_log_softmax, False),
-                 "layer_norm": (_row_layer_norm, False), "softmax_cross_entropy": (_row_xent, True),
-                 "softmax_cross_entropy_grad": (_row_xent_grad, False)}
-
-
-def row_axis(n: Node) -> int:
-    """The axis a row op reduces: softmax's ``axis``, else the last (classes, features)."""
-    return n.attrs["axis"] if n.op in ("softmax", "log_softmax") else n.inputs[0].type.rank - 1
-
-
-def row_kernel(kp) -> None:
-    """For r in rows: prologue into a row buffer, the anchors (sharing max / sum-exp / moments),
-    then the epilogue; results one scalar per row are summed over rows (a prange reduction).
-    A row runs along ``row_axis`` (not necessarily the last): the other axes are unravelled from r."""
-    k, w = kp.k, kp.w
-    x = k.anchors[0].inputs[0]
-    axis = row_axis(k.anchors[0])
-    lead_dims = [d for i, d in enumerate(x.type.shape) if i != axis]
-    ftype = float_ctor(k.anchors[0])
-    w(f"R = {_prod(lead_dims)}")
-    w(f"C = {_dim(x.type.shape[axis])}")
-    accs = {}
-    for a in k.anchors:
-        if ROW_TEMPLATES[a.op][1]:
-            accs[a] = f"acc_{local_name(a.outputs[0])[2:]}"
-            w(f"{accs[a]} = {ftype}(0.0)")
-    w(f"for r in {'prange' if kp.parallel else 'range'}(R):")
-    w.indent()
-    lead = [f"i{d}" for d in range(x.type.rank) if d != axis]
-    rest = "r"
-    for d in range(len(lead_dims) - 1, -1, -1):  # unravel r into the other indices
-        w(f"{lead[d]} = {rest} % {_dim(lead_dims[d])}" if d else f"{lead[d]} = {rest}")
-        if d:
-            w(f"q{d} = {rest} // {_dim(lead_dims[d])}")
-            rest = f"q{d}"
-    jv = f"i{axis}"
-    full = [*lead[:axis], jv, *lead[axis:]]  # the index of x[row, j] in axis order
-
-    def at(j: str) -> str:
-        return ", ".join([*lead[:axis], j, *lead[axis:]])
-
-    ctx = RowCtx(kp, x, ftype)
-    if k.prologue is not None:
-        w(f"t_x = np.empty(C, {CTOR[x.type.dtype]})")
-        w(f"for {jv} in range(C):")
-        w.indent()
-        kp.loop_body(k.prologue, full)
-        w(f"t_x[{jv}] = {local_name(x)}")
-        w.dedent()
-        ctx.read = lambda j: f"t_x[{j}]"
-    else:
-        xa = kp.arr(x)
-        ctx.read = lambda j: f"{xa}[{at(j)}]"
-    row_outs = {}
-    for a in k.anchors:
-        template, scalar = ROW_TEMPLATES[a.op]
-        if scalar:
-            template(ctx, a, accs[a], lead)
-        else:
-            row_outs[a.outputs[0]] = f"o_{local_name(a.outputs[0])[2:]}"
-            w(f"{row_outs[a.outputs[0]]} = np.empty(C, {CTOR[a.outputs[0].type.dtype]})")
-            template(ctx, a, row_outs[a.outputs[0]], lead)
-    if row_outs:
-        w(f"for {jv} in range(C):")
-        w.indent()
-        extra = {}
-        for v, o in row_outs.items():
-            w(f"{local_name(v)} = {o}[{jv}]")
-            extra[local_name(v)] = local_name(v)
-            if v in k.writes:
-                w(f"{kp.arr(v)}[{at(jv)}] = {local_name(v)}")
-        if k.epilogue is not None:
-            kp.loop_body(k.epilogue, full, extra)
-        w.dedent()
-    w.dedent()
-    for a, acc in accs.items():
-        w(f"{kp.arr(a.outputs[0])}[()] = {acc} / {ftype}(R)")
-
-
-# ---- whole-tensor templates ------------------------------------------------------------------
-def whole_tensor_kernel(kp) -> None:
-    """Prologue into temporaries, the op over whole tensors, then the epilogue loop."""
-    k, w = kp.k, kp.w
-    if len(k.anchors) != 1:
-        raise CodegenError(f"cannot lower a kernel with anchors {[a.op for a in k.anchors]}")
-    a = k.anchors[0]
-    if k.prologue is not None:
-        made = [s.node.outputs[0] for s in k.prologue.stmts]
-        for v in made:
-            if v in a.inputs and v not in k.writes:
-                w(f"{kp.arr(v)} = np.empty({_shape(v)}, {CTOR[v.type.dtype]})")
-                k.prologue.stores.append((v, local_name(v)))
-        kp.elementwise(k.prologue)
-    for v in a.outputs:
-        if v not in k.writes:
-            w(f"{kp.arr(v)} = np.empty({_shape(v)}, {CTOR[v.type.dtype]})")
-    template = TEMPLATES.get(a.op)
-    if template is None:
-        raise CodegenError(f"no CPU template for {a.op} (%{a.outputs[0].name})")
-    template(kp, a, [kp.arr(v) for v in a.inputs], [kp.arr(v) for v in a.outputs])
-    if k.epilogue is not None:
-        loop = k.epilogue
-        extra = {}
-        ivars = kp.nested(loop.space, False)
-        for v in a.outputs:
-            extra[local_name(v)] = f"{kp.arr(v)}[{', '.join(ivars)}]" if ivars else f"{kp.arr(v)}[()]"
-        kp.loop_body(loop, ivars, extra)
-        w.dedent(len(loop.space))
-
-
-def _shape(v: Value) -> str:
-    return "(" + "".join(f"{_dim(d)}, " for d in v.type.shape) + ")"
-
-
-def _loops(w, shape) -> list[str]:
-    ivars = [f"i{d}" for d in range(len(shape))]
-    for d, i in zip(shape, ivars, strict=True):
-        w(f"for {i} in range({_dim(d)}):")
-        w.indent()
-    return ivars
-
-
-def _ix(ivars) -> str:
-    return "[" + ", ".join(ivars) + "]" if ivars else "[()]"
-
-
-def _transpose(kp, n, ins, outs):
-    w = kp.w
-    perm = n.attrs["perm"]
-    ivars = _loops(w, n.outputs[0].type.shape)
-    src = [None] * len(perm)
-    for out_axis, in_axis in enumerate(perm):
-        src[in_axis] = ivars[out_axis]
-    w(f"{outs[0]}{_ix(ivars)} = {ins[0]}{_ix(src)}")
-    w.dedent(len(ivars))
-
-
-def _broadcast_to(kp, n, ins, outs):
-    w = kp.w
-    x, y = n.inputs[0], n.outputs[0]
-    ivars = _loops(w, y.type.shape)
-    off = y.type.rank - x.type.rank
-    src = ["0" if d == 1 and y.type.shape[off + j] != 1 else ivars[off + j] for j, d in enumerate(x.type.shape)]
-    w(f"{outs[0]}{_ix(ivars)} = {ins[0]}{_ix(src)}")
-    w.dedent(len(ivars))
-
-
-def _slice(kp, n, ins, outs):
-    w = kp.w
-    a = n.attrs
-    ivars = _loops(w, n.outputs[0].type.shape)
-    src = list(ivars)
-    src[a["axis"]] = f"{a['start']} + {ivars[a['axis']]} * {a['step']}"
-    w(f"{outs[0]}{_ix(ivars)} = {ins[0]}{_ix(src)}")
-    w.dedent(len(ivars))
-
-
-def _slice_grad(kp, n, ins, outs):
-    w = kp.w
-    a = n.attrs
-    w(f"{outs[0]}[...] = 0")
-    ivars = _loops(w, n.inputs[0].type.shape)
-    dst = list(ivars)
-    dst[a["axis"]] = f"{a['start']} + {ivars[a['axis']]} * {a['step']}"
-    w(f"{outs[0]}{_ix(dst)} = {ins[0]}{_ix(ivars)}")
-    w.dedent(len(ivars))
-
-
-def _concat(kp, n, ins, outs):
-    w = kp.w
-    axis, offset = n.attrs["axis"], 0
-    for v, name in zip(n.inputs, ins, strict=True):
-        ivars = _loops(w, v.type.shape)
-        dst = list(ivars)
-        dst[axis] = f"{offset} + {ivars[axis]}"
-        w(f"{outs[0]}{_ix(dst)} = {name}{_ix(ivars)}")
-        w.dedent(len(ivars))
-        offset += v.type.shape[axis]
-
-
-def _embedding(kp, n, ins, outs):
-    w = kp.w
-    table, ids = n.inputs
-    ivars = _loops(w, ids.type.shape)
-    w(f"row = {ins[1]}{_ix(ivars)}")
-    w(f"for d in range({_dim(table.type.shape[1])}):")
-    w(f"    {outs[0]}[{', '.join(ivars + ['d'])}] = {ins[0]}[row, d]")
-    w.dedent(len(ivars))
-
-
-def _embedding_grad(kp, n, ins, outs):
-    w = kp.w
-    ids, g = n.inputs
-    w(f"{outs[0]}[...] = 0")
-    ivars = _loops(w, ids.type.shape)
-    w(f"row = {ins[0]}{_ix(ivars)}")
-    w(f"for d in range({_dim(g.type.shape[-1])}):")
-    w(f"    {outs[0]}[row, d] += {ins[1]}[{', '.join(ivars + ['d'])}]")
-    w.dedent(len(ivars))
-
-
-def _flat2(name: str, v: Value) -> str:
-    return f"{name}.reshape(({_prod(v.type.shape[:-1])}, {_dim(v.type.shape[-1])}))"
-
-
-def _mse(kp, n, ins, outs):
-    w = kp.w
-    F = float_ctor(n)
-    p = n.inputs[0]
-    w(f"acc = {F}(0.0)")
-    w(f"pf = {ins[0]}.reshape(-1)")
-    w(f"tf = {ins[1]}.reshape(-1)")
-    w("for i in range(pf.size):")
-    w("    d = pf[i] - tf[i]")
-    w("    acc += d * d")
-    w(f"{outs[0]}[()] = acc / {F}({_prod(p.type.shape)})")
-
-
-def _mse_grad(kp, n, ins, outs):
-    w = kp.w
-    F = float_ctor(n)
-    p = n.inputs[0]
-    w(f"scale = {F}(2.0) * {kp.scalar(n.inputs[2])} / {F}({_prod(p.type.shape)})")
-    w(f"pf = {ins[0]}.reshape(-1)")
-    w(f"tf = {ins[1]}.reshape(-1)")
-    w(f"of = {outs[0]}.reshape(-1)")
-    w("for i in range(pf.size):")
-    w("    of[i] = (pf[i] - tf[i]) * scale")
-
-
-def _norm_grad(kp, n, ins, outs, over_rows: bool):
-    """dx, dgamma, dbeta of a normalisation with statistics per row (layer_norm) or per column
-    (batch_norm over the batch): dx = (dx̂ - mean(dx̂) - x̂ mean(dx̂ x̂)) / σ."""
-    w = kp.w
-    F = float_ctor(n)
-    x = n.inputs[0]
-    eps = n.attrs["eps"]
-    w(f"x2 = {_flat2(ins[0], x)}")
-    w(f"g2 = {_flat2(ins[2], x)}")
-    w(f"dx2 = {_flat2(outs[0], x)}")
-    w("R, C = x2.shape")
-    w(f"{outs[1]}[...] = 0")
-    w(f"{outs[2]}[...] = 0")
-    if over_rows:
-        w("for r in range(R):")
-        w(f"    mean = {F}(0.0)")
-        w("    for j in range(C):")
-        w("        mean += x2[r, j]")
-        w(f"    mean /= {F}(C)")
-        w(f"    var = {F}(0.0)")
-        w("    for j in range(C):")
-        w("        var += (x2[r, j] - mean) ** 2")
-        w(f"    rstd = {F}(1.0) / math.sqrt(var / {F}(C) + {F}({eps!r}))")
-        w(f"    s1 = {F}(0.0)")
-        w(f"    s2 = {F}(0.0)")
-        w("    for j in range(C):")
-        w("        xh = (x2[r, j] - mean) * rstd")
-        w(f"        d = g2[r, j] * {ins[1]}[j]")
-        w("        s1 += d")
-        w("        s2 += d * xh")
-        w(f"        {outs[1]}[j] += g2[r, j] * xh")
-        w(f"        {outs[2]}[j] += g2[r, j]")
-        w("    for j in range(C):")
-        w("        xh = (x2[r, j] - mean) * rstd")
-        w(f"        dx2[r, j] = rstd * (g2[r, j] * {ins[1]}[j] - s1 / {F}(C) - xh * s2 / {F}(C))")
-    else:
-        w(f"mean = np.zeros(C, {F})")
-        w(f"var = np.zeros(C, {F})")
-        w("for r in range(R):")
-        w("    for j in range(C):")
-        w("        mean[j] += x2[r, j]")
-        w(f"mean /= {F}(R)")
-        w("for r in range(R):")
-        w("    for j in range(C):")
-        w("        var[j] += (x2[r, j] - mean[j]) ** 2")
-        w(f"rstd = {F}(1.0) / np.sqrt(var / {F}(R) + {F}({eps!r}))")
-        w(f"s1 = np.zeros(C, {F})")
-        w(f"s2 = np.zeros(C, {F})")
-        w("for r in range(R):")
-        w("    for j in range(C):")
-        w("        xh = (x2[r, j] - mean[j]) * rstd[j]")
-        w(f"        d = g2[r, j] * {ins[1]}[j]")
-        w("        s1[j] += d")
-        w("        s2[j] += d * xh")
-        w(f"        {outs[1]}[j] += g2[r, j] * xh")
-        w(f"        {outs[2]}[j] += g2[r, j]")
-        w("for r in range(R):")
-        w("    for j in range(C):")
-        w("        xh = (x2[r, j] - mean[j]) * rstd[j]")
-        w(f"        dx2[r, j] = rstd[j] * (g2[r, j] * {ins[1]}[j] - s1[j] / {F}(R) - xh * s2[j] / {F}(R))")
-
-
-def _batch_norm_train(kp, n, ins, outs):
-    w = kp.w
-    F = float_ctor(n)
-    x = n.inputs[0]
-    a = n.attrs
-    w(f"x2 = {_flat2(ins[0], x)}")
-    w(f"y2 = {_flat2(outs[0], x)}")
-    w("R, C = x2.shape")
-    w(f"mean = np.zeros(C, {F})")
-    w(f"var = np.zeros(C, {F})")
-    w("for r in range(R):")
-    w("    for j in range(C):")
-    w("        mean[j] += x2[r, j]")
-    w(f"mean /= {F}(R)")
-    w("for r in range(R):")
-    w("    for j in range(C):")
-    w("        var[j] += (x2[r, j] - mean[j]) ** 2")
-    w(f"var /= {F}(R)")
-    w(f"rstd = {F}(1.0) / np.sqrt(var + {F}({a['eps']!r}))")
-    w("for r in range(R):")
-    w("    for j in range(C):")
-    w(f"        y2[r, j] = (x2[r, j] - mean[j]) * rstd[j] * {ins[1]}[j] + {ins[2]}[j]")
-    m = a["momentum"]
-    w(f"{outs[1]}[:] = {F}({1 - m!r}) * {ins[3]} + {F}({m!r}) * mean")
-    w(f"{outs[2]}[:] = {F}({1 - m!r}) * {ins[4]} + {F}({m!r}) * var * {F}(R) / {F}(R - 1)")
-
-
-def _batch_norm_infer(kp, n, ins, outs):
-    w = kp.w
-    F = float_ctor(n)
-    x = n.inputs[0]
-    w(f"x2 = {_flat2(ins[0], x)}")
-    w(f"y2 = {_flat2(outs[0], x)}")
-    w("R, C = x2.shape")
-    w(f"scale = {ins[1]} / np.sqrt({ins[4]} + {F}({n.attrs['eps']!r}))")
-    w("for r in range(R):")
-    w("    for j in range(C):")
-    w(f"        y2[r, j] = (x2[r, j] - {ins[3]}[j]) * scale[j] + {ins[2]}[j]")
 
 
 TEMPLATES = {

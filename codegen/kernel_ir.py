@@ -23,6 +23,10 @@ from .scalar_lib import specialise
 CTOR = {DType.f32: "f32", DType.f64: "f64", DType.i32: "i32", DType.i64: "i64", DType.bool: "b1"}
 
 
+# operands that structured kernels read as one scalar, so a constant may stay a literal there
+SCALAR_OPERANDS = {"softmax_cross_entropy_grad": {2}, "mse_grad": {2}}
+
+
 class CodegenError(GradfuseError):
     """A graph uses something the code generator cannot lower yet."""
 
@@ -65,7 +69,7 @@ class Kernel:
     anchors: list[Node] = field(default_factory=list)
     prologue: Loop | None = None  # over the anchor's input space (reductions, row ops)
     epilogue: Loop | None = None  # over the anchor's output space (or the whole kernel, if no anchor)
-    gemm_dest: Value | None = None  # where the GEMM writes (its own buffer or an epilogue output's)
+    finale: Loop | None = None  # over () after everything: elementwise ops on an earlier anchor's scalar
     symbols: list[str] = field(default_factory=list)  # batch-size symbols the kernel's code uses
 
 
@@ -105,10 +109,20 @@ class Lowering:
         self.materialized: set[Value] = {v for _, v in g.args}
         for n in g.nodes:
             for v in n.outputs:
-                if v in self.outs or role(n) == "view" or (role(n) != "immediate" and any(
-                        self.kernel_of[u] != n.kernel or n.kernel is None for u in self.users[v])):
+                if role(n) == "immediate":  # a literal, unless returned or read as an array (sum of a constant)
+                    keep = v in self.outs or self.needs_buffer(v, self.users[v])
+                else:  # BLAS writes a GEMM's whole product before the epilogue reads it: its own buffer
+                    keep = v in self.outs or role(n) in ("view", "gemm") or any(
+                        self.kernel_of[u] != n.kernel or n.kernel is None for u in self.users[v])
+                if keep:
                     self.materialized.add(v)
         self.symbols = sorted({s for _, v in g.args for s in v.type.symbols})
+
+    @staticmethod
+    def needs_buffer(v: Value, readers: list[Node]) -> bool:
+        """Whether one of ``readers`` takes ``v`` as an array rather than as a scalar literal."""
+        return any(w is v and role(u) != "elementwise" and i not in SCALAR_OPERANDS.get(u.op, ())
+                   for u in readers for i, w in enumerate(u.inputs))
 
     def immediate(self, v: Value) -> str | None:
         """A literal or shape expression for a scalar constant or an element count."""
@@ -176,8 +190,8 @@ class Lowering:
     def kernel(self, name: str, nodes: list[Node]) -> Kernel:
         inside = set(nodes)
         produced = list(dict.fromkeys(v for n in nodes for v in n.outputs))  # ordered: stable signatures
-        reads = list(dict.fromkeys(v for n in nodes if role(n) != "immediate" for v in n.inputs
-                                   if v not in produced and self.immediate(v) is None))
+        reads = list(dict.fromkeys(v for n in nodes if role(n) != "immediate" for v in n.inputs if v not in produced
+                                   and (self.immediate(v) is None or self.needs_buffer(v, nodes))))
         writes = [v for v in produced if v in self.materialized]
         consts: dict[str, str] = {}
         consts_of = [v for n in nodes for v in n.inputs if self.immediate(v) is not None]
@@ -198,17 +212,53 @@ class Lowering:
             return k
         anchor_set = set(anchors)
         before = self._upstream(anchors, inside)
-        pro = [n for n in nodes if n in before and n not in anchor_set]
-        epi = [n for n in nodes if n not in before and n not in anchor_set]
+        after = self._downstream(anchors, inside)
+        # the prologue runs over the anchor's input: what the anchor reads, and (horizontal fusion)
+        # other elementwise work over that space that does not need the anchor's result; the
+        # epilogue runs over the last anchor's output (the fusion pass's epilogue space)
+        in_space = anchors[0].inputs[0].type.shape if kind in ("reduction", "row") else None
+        space = anchors[-1].outputs[0].type.shape
+        pro, epi = [], []
+        for n in nodes:
+            if n not in anchor_set:
+                shape = n.outputs[0].type.shape
+                side = n not in after and shape == in_space and shape != space
+                (pro if n in before or side else epi).append(n)
         if pro:
-            k.prologue = self.loop(anchors[0].inputs[0].type.shape, pro, inside, consts)
-        if epi:
-            k.epilogue = self.loop(anchors[0].outputs[0].type.shape, epi, inside, consts)
-        if kind == "gemm":
-            mm = anchors[0].outputs[0]
-            same = [v for v in writes if v.type == mm.type]
-            k.gemm_dest = mm if mm in self.materialized else (same[0] if same else None)
+            k.prologue = self.loop(in_space, pro, inside, consts)
+        # nodes over a row op's scalar result (the loss of a cross-entropy, whose gradient may share
+        # the rows) run once after all rows, in the finale
+        scalars = [v for a in anchors for v in a.outputs if v.type.shape == () != in_space] if kind == "row" else []
+        main = [n for n in epi if n.outputs[0].type.shape == space and not (scalars and space == ())]
+        rest = [n for n in epi if n not in main]
+        if any(n.outputs[0].type.shape != () for n in rest) or self._reads(main, rest) or \
+                any(v in scalars for n in main for v in n.inputs):
+            raise CodegenError(f"kernel {name}: cannot order the epilogue of {[a.op for a in anchors]}: "
+                               f"{[str(n.outputs[0].type) for n in main]} over {list(space)} and "
+                               f"{[str(n.outputs[0].type) for n in rest]} after the rows")
+        if main:
+            # prologue values the epilogue reads are recomputed (same space), not kept per element
+            again = [n for n in pro if n in self._upstream(main, set(pro))]
+            k.epilogue = self.loop(space, again + main, inside, consts, [v for n in main for v in n.outputs])
+        if rest:
+            k.finale = self.loop((), rest, inside, consts)
         return k
+
+    def _downstream(self, anchors: list[Node], inside: set[Node]) -> set[Node]:
+        """Kernel nodes that read an anchor's result, directly or through other kernel nodes."""
+        seen: set[Node] = set()
+        stack = [u for a in anchors for v in a.outputs for u in self.users[v] if u in inside]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.extend(u for v in n.outputs for u in self.users[v] if u in inside)
+        return seen
+
+    def _reads(self, readers: list[Node], nodes: list[Node]) -> bool:
+        produced = {v for n in nodes for v in n.outputs}
+        return any(v in produced for n in readers for v in n.inputs)
 
     def _upstream(self, anchors: list[Node], inside: set[Node]) -> set[Node]:
         """Kernel nodes that an anchor reads, directly or through other kernel nodes."""
@@ -231,7 +281,7 @@ def lower(g: Graph) -> KernelProgram:
     groups: dict[str, list[Node]] = {}
     for n in g.nodes:
         r = role(n)
-        if r == "immediate" and n.outputs[0] not in lw.outs:
+        if r == "immediate" and n.outputs[0] not in lw.materialized:
             continue
         if r == "view":
             schedule.append(n)

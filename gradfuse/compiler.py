@@ -22,7 +22,7 @@ from gradfuse.passes.optimizer import SGD, Adam
 from gradfuse.passes.training import training_step
 from gradfuse.runtime.program import DEFAULT_CACHE, Program
 
-PIPELINE = "simplify,fuse"
+PIPELINE = "simplify,fuse,memory-plan"  # the plan's pass puts the nodes in its memory-saving order
 
 
 @dataclass

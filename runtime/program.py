@@ -61,7 +61,7 @@ class Program:
     path: str
     module: object
     compile_seconds: float = 0.0
-    _buffers: dict[tuple, list[np.ndarray]] = field(default_factory=dict)
+    _buffers: dict[tuple, list[np.ndarray | int]] = field(default_factory=dict)
 
     @classmethod
     def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, warm: bool = False) -> Program:
@@ -123,17 +123,40 @@ class Program:
             if a is not None and a.size and (a.min() < 0 or a.max() >= size):
                 raise InputError(f"%{ids.name}: {what} must lie in [0, {size}), got min {a.min()}, max {a.max()}")
 
-    def buffers(self, sizes: dict[str, int]) -> list[np.ndarray]:
+    def memory_plan(self, sizes: dict[str, int]):
+        """The memory plan for these batch sizes, in the program's own schedule."""
+        from gradfuse.passes.memory import plan_memory
+
+        return plan_memory(self.graph, batch=max(sizes.values(), default=1), reorder=False)
+
+    def buffers(self, sizes: dict[str, int]) -> list[np.ndarray | int]:
+        """Storage for every buffer of the schedule at these batch sizes: views into one arena
+        laid out by the memory plan, or (an int) the index of the argument whose storage a value
+        takes over in place, resolved per call because the caller owns the arguments."""
         key = tuple(sorted(sizes.items()))
         if key not in self._buffers:
-            self._buffers[key] = [np.empty(v.type.concrete(sizes), v.type.dtype.np) for v in self.kernels.buffers]
+            plan = self.memory_plan(sizes)
+            arena = np.empty(plan.peak, np.uint8)
+            args = [v.name for _, v in self.graph.args]
+            out: list[np.ndarray | int] = []
+            for v in self.kernels.buffers:
+                place = plan.values[v.name]
+                shape = v.type.concrete(sizes)
+                if place.offset is not None:
+                    out.append(arena[place.offset:place.offset + place.nbytes].view(v.type.dtype.np).reshape(shape))
+                elif place.storage in args:
+                    out.append(args.index(place.storage))
+                else:  # the plan keeps it in registers, but this kernel writes it: own allocation
+                    out.append(np.empty(shape, v.type.dtype.np))
+            self._buffers[key] = out
         return self._buffers[key]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run once; returns the outputs (copies). Params and state are updated in place in the
         arrays passed in ``feeds``."""
         sizes, arrays = self.bind(feeds)
-        bufs = self.buffers(sizes)
+        bufs = [arrays[b].reshape(v.type.concrete(sizes)) if isinstance(b, int) else b
+                for b, v in zip(self.buffers(sizes), self.kernels.buffers, strict=True)]
         self.module.step(*arrays, *bufs)
         values = {v: a for (_, v), a in zip(self.graph.args, arrays, strict=True)}
         values.update(zip(self.kernels.buffers, bufs, strict=True))
@@ -149,7 +172,8 @@ class Program:
         sizes, arrays = self.bind(feeds)
         env: dict[str, object] = dict(sizes)
         values = {v: a for (_, v), a in zip(self.graph.args, arrays, strict=True)}
-        values.update(zip(self.kernels.buffers, self.buffers(sizes), strict=True))
+        values.update((v, arrays[b].reshape(v.type.concrete(sizes)) if isinstance(b, int) else b)
+                      for v, b in zip(self.kernels.buffers, self.buffers(sizes), strict=True))
         env.update({arr(v): a for v, a in values.items()})
         for item in self.kernels.schedule:
             if not hasattr(item, "anchors"):  # a view
