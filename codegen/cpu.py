@@ -265,10 +265,13 @@ f32, f64, i32, i64, b1 = np.float32, np.float64, np.int32, np.int64, np.bool_
 '''
 
 
-def print_module(prog: KernelProgram, fastmath: bool = True, jit_step: bool = True) -> str:
+def print_module(prog: KernelProgram, fastmath: bool = True, jit_step: bool = True,
+                 in_place: frozenset[str] = frozenset()) -> str:
     """The whole program as Python source. ``jit_step=False`` leaves ``step`` a Python function:
     Numba links every kernel into a jitted caller and compiles it all again, which doubles the
-    compile time of programs with hundreds of kernels (tests); the price is a dispatch per kernel."""
+    compile time of programs with hundreds of kernels (tests); the price is a dispatch per kernel.
+    ``in_place`` names the updated arguments whose new value the runtime has the kernels write
+    straight into the argument (the memory plan): those need no copy at the end."""
     g = prog.graph
     flags = FASTMATH if fastmath else False
     body = Writer()
@@ -306,7 +309,7 @@ def print_module(prog: KernelProgram, fastmath: bool = True, jit_step: bool = Tr
         else:
             body(f"{item.name}({', '.join(KernelPrinter(item, Writer()).signature())})")
     for old, new in g.updates:
-        if new is not old:
+        if new is not old and old.name not in in_place:
             body(f"{arr(old)}[...] = {arr(new)}")
     body("return")
     body.dedent()

@@ -131,7 +131,7 @@ def _row_log_softmax(ctx: RowCtx, n: Node, out: str, lead: list[str]) -> None:
 
 def _label(ctx: RowCtx, n: Node, lead: list[str]) -> str:
     labels = n.inputs[1]
-    return f"{ctx.kp.arr(labels)}[{', '.join(lead)}]" if lead else f"{ctx.kp.arr(labels)}[()]"
+    return f"{ctx.kp.arr(labels)}[{', '.join(lead)}]" if lead else ctx.kp.scalar(labels)  # 0-d: read on entry
 
 
 def _row_xent(ctx: RowCtx, n: Node, acc: str, lead: list[str]) -> None:
@@ -254,7 +254,8 @@ def row_kernel(kp) -> None:
 # ---- whole-tensor templates ------------------------------------------------------------------
 def whole_tensor_kernel(kp) -> None:
     """Prologue into temporaries, each anchor's template over whole tensors (an MSE and its
-    gradient share a kernel), then the epilogue and finale loops."""
+    gradient share a kernel; row ops along different axes of one tensor take a pass each), then
+    the epilogue and finale loops."""
     k, w = kp.k, kp.w
     inputs = {v for a in k.anchors for v in a.inputs}
     outputs = [v for a in k.anchors for v in a.outputs]
@@ -268,6 +269,10 @@ def whole_tensor_kernel(kp) -> None:
         if v not in k.writes:
             w(f"{kp.arr(v)} = np.empty({_shape(v)}, {CTOR[v.type.dtype]})")
     for a in k.anchors:
+        if a.op in ROW_TEMPLATES:  # a pass over the rows of its input, which now lies in memory
+            row_kernel(type(kp)(replace(k, anchors=[a], writes=list(a.outputs), prologue=None, epilogue=None,
+                                        finale=None), w))
+            continue
         template = TEMPLATES.get(a.op)
         if template is None:
             raise CodegenError(f"no CPU template for {a.op} (%{a.outputs[0].name}) in kernel {k.name} "

@@ -124,7 +124,7 @@ def _write(compiled, root: str, stages: dict[str, str]) -> None:
             raise ArtifactError(f"no compiled code found for {module} (is Numba's cache disabled?)")
         for c in cached:
             shutil.copy2(c, os.path.join(root, "kernels", "__pycache__", os.path.basename(c)))
-        programs[name] = {"ir": ir_file, "module": f"kernels/{module}",
+        programs[name] = {"ir": ir_file, "module": f"kernels/{module}", "in_place": sorted(prog.in_place),
                           "graph_hash": hashlib.sha256(str(prog.graph).encode()).hexdigest()}
     np.savez(os.path.join(root, "weights.npz"), **compiled.weights)
     files = {}
@@ -217,7 +217,8 @@ def load(path: str, recompile: bool = False, check_cpu: bool = True):
         module_path = os.path.join(path, info["module"])
         with open(module_path, encoding="utf-8") as f:
             source = f.read()
-        programs[name] = Program(graph, lower(graph), source, module_path, import_module(module_path))
+        programs[name] = Program(graph, lower(graph), source, module_path, import_module(module_path),
+                                 in_place=frozenset(info["in_place"]))
     with np.load(os.path.join(path, "weights.npz"), allow_pickle=False) as f:
         weights = {k: np.array(f[k]) for k in f.files}
     for prog in programs.values():

@@ -40,6 +40,14 @@ def load_module(source: str, cache_dir: str, stem: str):
     return import_module(path), path
 
 
+def in_place_updates(graph: Graph, batch: int) -> frozenset[str]:
+    """The updated arguments the memory plan writes in place (the same at every batch size: it
+    depends on the schedule, not on sizes)."""
+    from gradfuse.passes.memory import plan_memory
+
+    return frozenset(u.arg for u in plan_memory(graph, batch=batch, reorder=False).updates if u.in_place)
+
+
 def import_module(path: str):
     """Import a generated module under a name derived from its file (stable across processes)."""
     module_name = "gradfuse_kernels." + os.path.splitext(os.path.basename(path))[0]
@@ -61,15 +69,17 @@ class Program:
     path: str
     module: object
     compile_seconds: float = 0.0
+    in_place: frozenset[str] = frozenset()  # updated arguments the kernels write directly (no copy)
     _buffers: dict[tuple, list[np.ndarray | int]] = field(default_factory=dict)
 
     @classmethod
     def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, warm: bool = False) -> Program:
         start = time.perf_counter()
         kernels = lower(graph)
-        source = print_module(kernels)
+        in_place = in_place_updates(graph, 256)
+        source = print_module(kernels, in_place=in_place)
         module, path = load_module(source, cache_dir, graph.name)
-        prog = cls(graph, kernels, source, path, module)
+        prog = cls(graph, kernels, source, path, module, in_place=in_place)
         prog.compile_seconds = time.perf_counter() - start
         return prog
 
@@ -136,6 +146,9 @@ class Program:
         key = tuple(sorted(sizes.items()))
         if key not in self._buffers:
             plan = self.memory_plan(sizes)
+            if frozenset(u.arg for u in plan.updates if u.in_place) != self.in_place:
+                raise AssertionError(f"@{self.graph.name}: the memory plan at {sizes} writes other updates in place "
+                                     "than the generated code assumes")
             arena = np.empty(plan.peak, np.uint8)
             args = [v.name for _, v in self.graph.args]
             out: list[np.ndarray | int] = []
