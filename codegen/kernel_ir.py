@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from gradfuse.errors import GradfuseError
 from gradfuse.ir.graph import Graph, Node, Value
 from gradfuse.ir.registry import get_op
-from gradfuse.ir.types import DType, TensorType
+from gradfuse.ir.types import DType
 from gradfuse.passes.fusion import role
 
 from .scalar_lib import specialise
@@ -300,7 +300,3 @@ def lower(g: Graph) -> KernelProgram:
     buffers = [v for n in g.nodes for v in n.outputs
                if v in lw.materialized and (role(n) != "view" or v in lw.outs)]
     return KernelProgram(g, kernels, schedule, buffers, lw.symbols)
-
-
-def buffer_type(v: Value) -> TensorType:
-    return v.type
