@@ -3,9 +3,7 @@
 Numba compiles each kernel in 0.1-0.9 s, so nothing here compiles a module per case: the op
 table is ONE graph holding every case of tests/op_cases.py as independent nodes (one kernel each),
 the fused scenarios a second graph, and each example's training step one program; every test
-then checks its own slice of the results. Both big graphs keep ``step`` a Python function
-(``print_module(jit_step=False)``): a jitted ``step`` links and compiles every kernel a second
-time. The MLP's training step and the random graphs go through ``Program.compile`` unchanged.
+then checks its own slice of the results.
 """
 
 from __future__ import annotations
@@ -24,8 +22,7 @@ from scipy import special
 from strategies import graphs, random_feeds
 
 import gradfuse as gf
-from gradfuse.codegen.cpu import print_module
-from gradfuse.codegen.kernel_ir import Kernel, lower
+from gradfuse.codegen.kernel_ir import Kernel
 from gradfuse.ir.graph import ArgKind, Graph, GraphBuilder, Value
 from gradfuse.ir.interpreter import Result
 from gradfuse.ir.ops.random import counter_uniform
@@ -35,16 +32,7 @@ from gradfuse.passes.fusion import fuse
 from gradfuse.passes.manager import run_pipeline
 from gradfuse.passes.optimizer import SGD, Adam
 from gradfuse.passes.training import training_step
-from gradfuse.runtime.program import Program, in_place_updates, load_module
-
-
-def build(g: Graph, cache_dir: str, jit_step: bool = True) -> Program:
-    """``Program.compile``, optionally with a Python ``step`` (see the module docstring)."""
-    kernels = lower(g)
-    in_place = in_place_updates(g, 256)
-    source = print_module(kernels, jit_step=jit_step, in_place=in_place)
-    module, path = load_module(source, cache_dir, g.name)
-    return Program(g, kernels, source, path, module, in_place=in_place)
+from gradfuse.runtime.program import Program
 
 
 def run_both(g: Graph, prog: Program, feeds: dict) -> tuple[Result, list[np.ndarray], dict]:
@@ -113,7 +101,7 @@ class Results:
 @pytest.fixture(scope="module")
 def op_table(kernel_cache) -> Results:
     g, outputs = table_graph()
-    prog = build(g, kernel_cache, jit_step=False)  # ~190 kernels: about 30 s
+    prog = Program.compile(g, kernel_cache)  # ~190 kernels: about 30 s
     values = {}
     for n in SYMBOL_SIZES:
         ref, got, _ = run_both(g, prog, table_feeds(n))
@@ -429,7 +417,7 @@ def scenario_feeds(g: Graph, n: int) -> dict[str, np.ndarray]:
 def fused(kernel_cache) -> Results:
     unfused, outputs = scenarios_graph()
     g, _ = fuse(unfused, batch=256)
-    prog = build(g, kernel_cache, jit_step=False)  # ~30 kernels: about 10 s
+    prog = Program.compile(g, kernel_cache)  # ~30 kernels: about 10 s
     values = {}
     for n in SYMBOL_SIZES:
         ref, got, _ = run_both(g, prog, scenario_feeds(g, n))
@@ -492,7 +480,7 @@ def approximations(kernel_cache):
             op, attrs = ("gelu", {"approximate": name[5:]}) if name.startswith("gelu") else (name, {})
             outs.append(b.emit1(op, x, attrs=attrs, hint=f"{name}.{dt}"))
     g, _ = fuse(b.finish(outs))
-    prog = build(g, kernel_cache, jit_step=False)
+    prog = Program.compile(g, kernel_cache)
     got = prog.run({"xf32": WIDE.astype(np.float32), "xf64": WIDE})
     return {v.name: a for v, a in zip(g.outputs, got, strict=True)}
 
@@ -537,9 +525,8 @@ def test_random_fused_graphs_compile_to_the_interpreters_numbers(g, seed, kernel
 
 
 # ---- 5. the examples' training steps ----------------------------------------------------------
-# digits_mlp with SGD + momentum is the very program gf.compile builds for the runtime tests (Program.compile,
-# jitted step: compiled once per session); the bigger two take Adam, whose graph adds pow, sqrt and
-# division by state, and a Python step, which halves their compile (30 and 60 kernels)
+# digits_mlp with SGD + momentum is the very program gf.compile builds for the runtime tests (compiled
+# once per session); the bigger two take Adam, whose graph adds pow, sqrt and division by state
 EXAMPLES = [("digits_mlp", SGD(momentum=0.9)), ("residual_mlp", Adam()), ("digits_attention", Adam())]
 LR = 0.05
 
@@ -560,8 +547,7 @@ def example_steps(example_model, kernel_cache):
                 assert kind is not ArgKind.input, f"{name}: no feed for input %{v.name}"
                 feeds[v.name] = np.full(v.type.concrete({}), 3, v.type.dtype.np)
         fused_graph = run_pipeline(step.graph, "simplify,fuse").graph
-        prog = Program.compile(fused_graph, kernel_cache) if name == "digits_mlp" else \
-            build(fused_graph, kernel_cache, jit_step=False)
+        prog = Program.compile(fused_graph, kernel_cache)
         prog.run({k: np.copy(v) for k, v in feeds.items()})  # Numba compiles on the first call
         out[name] = (step.graph, prog, feeds)
     return out
