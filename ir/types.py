@@ -27,7 +27,7 @@ class DType(enum.Enum):
 
     @property
     def np(self) -> np.dtype:
-        return np.dtype(_NUMPY[self])
+        return _NUMPY_DTYPES[self]
 
     @property
     def is_float(self) -> bool:
@@ -63,6 +63,7 @@ class DType(enum.Enum):
 
 _NUMPY = {DType.f32: "float32", DType.f64: "float64", DType.i32: "int32", DType.i64: "int64",
           DType.bool: "bool"}
+_NUMPY_DTYPES = {d: np.dtype(name) for d, name in _NUMPY.items()}
 
 
 def is_symbol(d: Dim) -> bool:

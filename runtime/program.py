@@ -22,6 +22,8 @@ from gradfuse.codegen.kernel_ir import KernelProgram, lower
 from gradfuse.errors import InputError, NumericError
 from gradfuse.ir.graph import ArgKind, Graph
 
+INDEXING_OPS = {"softmax_cross_entropy", "softmax_cross_entropy_grad", "embedding", "embedding_grad",
+                "batch_norm_train"}  # ops whose inputs are checked beyond dtype and shape (below)
 DEFAULT_CACHE = os.environ.get("GRADFUSE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gradfuse"))
 
 
@@ -72,6 +74,12 @@ class Program:
     in_place: frozenset[str] = frozenset()  # updated arguments the kernels write directly (no copy)
     _buffers: dict[tuple, list[np.ndarray | int]] = field(default_factory=dict)
 
+    def __post_init__(self):
+        self._buffer_index = {v: i for i, v in enumerate(self.kernels.buffers)}
+        self._arg_index = {v: i for i, (_, v) in enumerate(self.graph.args)}
+        self._signature = [(kind, v, v.type.dtype.np, v.type.shape) for kind, v in self.graph.args]
+        self._index_checks = any(n.op in INDEXING_OPS for n in self.graph.nodes)
+
     @classmethod
     def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, warm: bool = False) -> Program:
         start = time.perf_counter()
@@ -95,17 +103,17 @@ class Program:
             raise InputError(f"@{g.name}: missing {', '.join(missing)}")
         sizes: dict[str, int] = {}
         arrays = []
-        for kind, v in g.args:
+        for kind, v, dtype, shape in self._signature:
             a = feeds[v.name]
             if not isinstance(a, np.ndarray):
-                a = np.asarray(a, dtype=v.type.dtype.np)
-            if a.dtype != v.type.dtype.np:
+                a = np.asarray(a, dtype=dtype)
+            if a.dtype != dtype:
                 raise InputError(f"%{v.name} ({kind.value}) expects {v.type}, got an array of dtype {a.dtype} "
-                                 f"(convert it with .astype(np.{v.type.dtype.np.name}))")
-            if a.ndim != v.type.rank:
+                                 f"(convert it with .astype(np.{dtype.name}))")
+            if a.ndim != len(shape):
                 raise InputError(f"%{v.name} ({kind.value}) expects {v.type}, got shape {list(a.shape)}")
-            for want, got in zip(v.type.shape, a.shape, strict=True):
-                if isinstance(want, str):
+            for want, got in zip(shape, a.shape, strict=True):
+                if want.__class__ is str:
                     if got == 0:
                         raise InputError(f"%{v.name}: the batch is empty (shape {list(a.shape)})")
                     if sizes.setdefault(want, got) != got:
@@ -119,7 +127,8 @@ class Program:
             if kind is not ArgKind.input and not a.flags.writeable:
                 raise InputError(f"%{v.name} is read-only, but the step updates it in place")
             arrays.append(a)
-        self._check_indices(dict(zip((v.name for _, v in g.args), arrays, strict=True)), sizes)
+        if self._index_checks:
+            self._check_indices(dict(zip((v.name for _, v in g.args), arrays, strict=True)), sizes)
         return sizes, arrays
 
     def _check_indices(self, by_name: dict[str, np.ndarray], sizes: dict[str, int]) -> None:
@@ -177,15 +186,16 @@ class Program:
         return self._buffers[key]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Run once; returns the outputs (copies). Params and state are updated in place in the
-        arrays passed in ``feeds``."""
+        """Run once; returns the outputs (fresh arrays the kernels write into, so nothing is
+        copied). Params and state are updated in place in the arrays passed in ``feeds``."""
         sizes, arrays = self.bind(feeds)
-        bufs = [arrays[b].reshape(v.type.concrete(sizes)) if isinstance(b, int) else b
+        fresh = {v: np.empty(v.type.concrete(sizes), v.type.dtype.np) for v in self.graph.outputs
+                 if v in self._buffer_index}
+        bufs = [fresh.get(v, arrays[b].reshape(v.type.concrete(sizes)) if isinstance(b, int) else b)
                 for b, v in zip(self.buffers(sizes), self.kernels.buffers, strict=True)]
         self.module.step(*arrays, *bufs)
-        values = {v: a for (_, v), a in zip(self.graph.args, arrays, strict=True)}
-        values.update(zip(self.kernels.buffers, bufs, strict=True))
-        return [values[v].copy() for v in self.graph.outputs]
+        args = self._arg_index
+        return [fresh[v] if v in fresh else arrays[args[v]].copy() for v in self.graph.outputs]
 
     def run_checked(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Like :meth:`run`, kernel by kernel, stopping at the first kernel that writes a NaN or
