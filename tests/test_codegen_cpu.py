@@ -270,9 +270,9 @@ def _layer_norm_residual(arg, emit):
 
 
 def _cross_entropy_rows(arg, emit):
-    """Big enough (4096 rows at the nominal N=256) for prange, with its loss reduction."""
-    z, bias = arg("z", f32("N", 16, 16)), arg("bias", f32(16))
-    y, g = arg("y", TensorType(DType.i64, ("N", 16))), arg("g", f32())
+    """Big enough (2^20 elements at the nominal N=256) for prange, with its loss reduction."""
+    z, bias = arg("z", f32("N", 64, 64)), arg("bias", f32(64))
+    y, g = arg("y", TensorType(DType.i64, ("N", 64))), arg("g", f32())
     logits = emit("add", z, bias)
     loss = emit("softmax_cross_entropy", logits, y, name="loss")
     half = emit("mul", loss, emit("const", value=0.5), name="half_loss")  # forward, before the backward
@@ -452,7 +452,7 @@ def test_dropout_mask_in_a_fused_kernel_is_the_reference_mask(fused):
 
 
 def test_cross_entropy_rows_run_in_parallel(fused):
-    """The loss is summed over rows by a prange reduction (4096 rows at the nominal batch)."""
+    """The loss is summed over rows by a prange reduction (16384 rows at the nominal batch)."""
     k = kernel_of(fused.program, "cross_entropy_rows.loss")
     before, after = fused.program.source.split(f"\ndef {k.name}(")
     assert "parallel=True" in before.splitlines()[-1]
@@ -579,3 +579,22 @@ def test_example_training_step_matches_the_interpreter(example_steps, name):
     for key, want in ref.state.items():
         adam_m = ref.state.get(f"{key}.adam_m")
         assert_update_matches(args[key], want, feeds[key], adam_m, f"{name}: updated %{key}")
+
+
+def test_parallel_twins_agree_with_the_interpreter(kernel_cache):
+    """Large batches take the prange versions of the kernels (small ones their serial twins):
+    run a row kernel, an elementwise chain and a reduction above the threshold once."""
+    b = GraphBuilder("big")
+    z = b.arg("z", f32("N", 64, 64))
+    y = b.arg("y", TensorType(DType.i64, ("N", 64)))
+    e = b.emit1("tanh", b.emit1("mul", z, z))
+    loss = b.emit1("softmax_cross_entropy", z, y)
+    s = b.emit1("sum", e, attrs={"axes": [2]})
+    g = fuse(b.finish([loss, e, s]), batch=256)[0]
+    prog = Program.compile(g, kernel_cache)
+    assert prog.source.count("parallel=True") == len(prog.kernels.kernels) > 0
+    rng = np.random.default_rng(0)
+    feeds = {"z": rng.standard_normal((256, 64, 64), dtype=np.float32), "y": rng.integers(0, 64, (256, 64))}
+    ref = gf.interpret(g, feeds).outputs
+    for got, want in zip(prog.run(feeds), ref, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
