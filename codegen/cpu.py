@@ -26,9 +26,12 @@ from .cpu_templates import store_index
 from .kernel_ir import CTOR, Access, Kernel, KernelProgram, Loop, local_name
 from .scalar_lib import helper_source, helpers_used, ordered_helpers
 
-# Smaller loops run serially: a parallel launch costs tens of µs, and next to BLAS calls (whose
-# threads spin after returning) parallel epilogues measured slower (MLP step 6.5 vs 5.9 ms).
+# At run time, loops smaller than this run serially: a parallel launch costs tens of µs, and next
+# to BLAS calls (whose threads spin after returning) parallel epilogues measured slower (MLP step
+# 6.5 vs 5.9 ms). A kernel gets a parallel version (and a serial twin) if its loops reach
+# PARALLEL_CANDIDATE at the nominal batch: the batch size decides at run time which one runs.
 PARALLEL_ELEMENTS = 1 << 20
+PARALLEL_CANDIDATE = 1 << 16
 NOMINAL_BATCH = 256
 # x / 0 gives inf or nan as in numpy (the reference), not Python's ZeroDivisionError, whose check
 # is a branch in every division of every loop
@@ -126,7 +129,7 @@ class KernelPrinter:
         return ivars
 
     def elementwise(self, loop: Loop) -> None:
-        parallel = size_of(loop.space) >= PARALLEL_ELEMENTS and len(loop.space) > 0
+        parallel = size_of(loop.space) >= PARALLEL_CANDIDATE and len(loop.space) > 0
         ivars = self.nested(loop.space, parallel)
         self.loop_body(loop, ivars)
         self.w.dedent(len(loop.space))
@@ -135,7 +138,7 @@ class KernelPrinter:
     def parallel_rows(self) -> bool:
         """Whether a row kernel's loop over rows should be a prange: work enough at N=256."""
         x = self.k.anchors[0].inputs[0]
-        return size_of(x.type.shape) >= PARALLEL_ELEMENTS and x.type.rank > 0
+        return size_of(x.type.shape) >= PARALLEL_CANDIDATE and x.type.rank > 0
 
     # -- kernel kinds -------------------------------------------------------------------------
     def print(self) -> None:
@@ -169,7 +172,7 @@ class KernelPrinter:
         cpu_templates.gemm(w, mm, arr(a), arr(b), arr(out))
         if k.epilogue is not None:
             loop = k.epilogue
-            ivars = self.nested(loop.space, size_of(loop.space) >= PARALLEL_ELEMENTS)
+            ivars = self.nested(loop.space, size_of(loop.space) >= PARALLEL_CANDIDATE)
             self.loop_body(loop, ivars, {local_name(out): f"{arr(out)}{store_index(out, loop.space, ivars)}"})
             w.dedent(len(loop.space))
 
@@ -192,7 +195,7 @@ class KernelPrinter:
         trailing = list(axes) == list(range(len(space) - len(axes), len(space)))
         if trailing:  # one output element per outer index: reduce the trailing axes in place
             outer = [space[i] for i in kept]
-            parallel = size_of(space) >= PARALLEL_ELEMENTS and len(outer) > 0
+            parallel = size_of(space) >= PARALLEL_CANDIDATE and len(outer) > 0
             ivars = self.nested(outer, parallel) if outer else []
             inner = [f"i{len(outer) + d}" for d in range(len(axes))]
             w("acc = " + identity)
@@ -214,7 +217,7 @@ class KernelPrinter:
             target = "acc[" + ", ".join(oidx) + "]" if oidx else "acc[()]"
             w(f"{target} = " + combine.format(a=target, b=local_name(x)))
             w.dedent(len(space))
-            ivars = self.nested(out_space, size_of(out_space) >= PARALLEL_ELEMENTS)
+            ivars = self.nested(out_space, size_of(out_space) >= PARALLEL_CANDIDATE)
             self._finish_reduction(y, out_space, ivars, finish("acc" + ("[" + ", ".join(ivars) + "]" if ivars
                                                                         else "[()]")))
             w.dedent(len(out_space))
