@@ -6,7 +6,8 @@ module is written to disk and imported under a stable name, so Numba's on-disk c
 
 Kernel shapes:
 - elementwise: nested loops over the output space (outer loop ``prange`` when large);
-- gemm: ``np.dot`` (OpenBLAS through scipy) into a buffer, then the epilogue loop;
+- gemm: CBLAS (numpy's OpenBLAS, :mod:`codegen.blas`) into a buffer, then the epilogue loop; an
+  SGD update of the weight whose gradient it makes folds into the GEMM (alpha, beta);
 - reduction: per output element over trailing axes (rows), or accumulating into an array in
   input order (leading axes, e.g. bias gradients), with prologue and epilogue;
 - row: one pass per row for softmax, log_softmax, layer_norm and cross-entropy (prologue into
@@ -16,12 +17,13 @@ Kernel shapes:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from gradfuse.ir.graph import Node, Value
 
-from . import cpu_templates
+from . import blas, cpu_templates
 from .cpu_templates import store_index
 from .kernel_ir import CTOR, Access, Kernel, KernelProgram, Loop, local_name
 from .scalar_lib import helper_source, helpers_used, ordered_helpers
@@ -83,9 +85,44 @@ def _flat_index(space, ivars: list[str]) -> str:
     return expr
 
 
+@dataclass(frozen=True)
+class UpdateInGemm:
+    """``new = param - lr * (op(a) @ op(b))``: one GEMM with alpha = -lr, beta = 1 into ``new``
+    (which holds ``param`` already when the update is in place, else gets a copy first)."""
+    param: Value
+    lr: Value
+    new: Value
+    product: Value  # never written: nothing else reads it
+
+
+def update_in_gemm(k: Kernel, prog: KernelProgram) -> UpdateInGemm | None:
+    """The SGD update of a weight folded into the GEMM that makes its gradient, if ``k`` is
+    exactly matmul, ``lr * g``, ``param - step`` and the gradient is read nowhere else."""
+    if not blas.AVAILABLE or k.kind != "gemm" or len(k.nodes) != 3 or k.finale is not None:
+        return None
+    mm, mul, sub = k.nodes
+    g = mm.outputs[0]
+    if mm.op != "matmul" or mul.op != "mul" or sub.op != "sub" or g.type.rank != 2:
+        return None
+    lr = next((v for v in mul.inputs if v is not g), None)
+    step = mul.outputs[0]
+    if lr is None or lr.type.rank != 0 or g not in mul.inputs or sub.inputs[1] is not step:
+        return None
+    param, new = sub.inputs[0], sub.outputs[0]
+    updates = dict((n, o) for o, n in prog.graph.updates)
+    read_elsewhere = any(g in other.reads for other in prog.kernels) or g in prog.graph.outputs or any(
+        isinstance(item, Node) and g in item.inputs for item in prog.schedule)
+    if updates.get(new) is not param or step in k.writes or read_elsewhere or param.type != g.type:
+        return None
+    return UpdateInGemm(param, lr, new, g)
+
+
 class KernelPrinter:
-    def __init__(self, k: Kernel, w: Writer):
+    def __init__(self, k: Kernel, w: Writer, prog: KernelProgram | None = None,
+                 in_place: frozenset[str] = frozenset()):
         self.k, self.w = k, w
+        self.update = update_in_gemm(k, prog) if prog is not None else None
+        self.in_place = in_place
         self.params = [arr(v) for v in dict.fromkeys(k.reads + k.writes)]
         self.symbols = k.symbols
 
@@ -169,6 +206,14 @@ class KernelPrinter:
         mm = k.anchors[0]
         a, b = mm.inputs
         out = mm.outputs[0]
+        if self.update is not None:
+            u = self.update
+            w(f"# SGD folded into the GEMM: {arr(u.new)} = {arr(u.param)} - lr * (op(a) @ op(b)), alpha=-lr, beta=1")
+            if u.param.name not in self.in_place:
+                w(f"{arr(u.new)}[...] = {arr(u.param)}")
+            cpu_templates.gemm(w, mm, arr(a), arr(b), arr(u.new), alpha=f"-{local_name(u.lr)}",
+                               beta=f"{CTOR[u.new.type.dtype]}(1.0)")
+            return
         cpu_templates.gemm(w, mm, arr(a), arr(b), arr(out))
         if k.epilogue is not None:
             loop = k.epilogue
@@ -292,7 +337,7 @@ def print_module(prog: KernelProgram, fastmath: bool = True, jit_step: bool = Tr
     for k in prog.kernels:
         kernel = Writer()
         kernel.indent()
-        kp = KernelPrinter(k, kernel)
+        kp = KernelPrinter(k, kernel, prog, in_place)
         kp.print()
         # parallel=True only where a prange was printed: it costs ~0.7 s of compile per kernel
         parallel = any("prange(" in line for line in kernel.lines)
@@ -345,4 +390,7 @@ def print_module(prog: KernelProgram, fastmath: bool = True, jit_step: bool = Tr
     helpers = [helper_source(name, ftype, f"@njit(cache=True, fastmath={flags}, inline='always', {NUMPY_ERRORS})")
                for name, ftype in ordered_helpers(helpers_used(code))]
     header = HEADER.format(name=g.name, what="one training/inference step as Numba kernels")
+    if "blas_gemm(" in code:
+        header += ("\nfrom gradfuse.codegen.blas import gemm as blas_gemm, require as require_blas\n\n"
+                   f"require_blas()  # codegen/blas.py {blas.SOURCE_HASH}\n")
     return header + "\n\n" + "\n\n".join(helpers) + ("\n\n" if helpers else "") + code + "\n"

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from gradfuse.ir.graph import Node, Value
 
+from . import blas
 from .kernel_ir import CTOR, CodegenError, float_ctor, local_name
 
 
@@ -20,21 +21,28 @@ def _prod(dims) -> str:
 
 
 # ---- GEMM ------------------------------------------------------------------------------------
-def gemm(w, mm: Node, a: str, b: str, dest: str) -> None:
-    """``dest = op(a) @ op(b)`` with np.dot (BLAS); batch axes loop, or fold into rows when only
-    the left operand has them."""
+def gemm(w, mm: Node, a: str, b: str, dest: str, alpha: str | None = None, beta: str | None = None) -> None:
+    """``dest = alpha * op(a) @ op(b) + beta * dest`` with CBLAS (``blas_gemm``, see
+    :mod:`codegen.blas`) or, without it, ``np.dot`` (alpha 1, beta 0 only); batch axes loop, or
+    fold into rows when only the left operand has them."""
     ta, tb = mm.attrs["transpose_a"], mm.attrs["transpose_b"]
     at, bt = mm.inputs[0].type, mm.inputs[1].type
     out = mm.outputs[0].type
-    A = f"{a}.T" if ta else a
-    B = f"{b}.T" if tb else b
+
+    def call(x: str, y: str, z: str) -> str:
+        if blas.AVAILABLE:
+            F = CTOR[out.dtype]
+            return f"blas_gemm({ta}, {tb}, {alpha or F + '(1.0)'}, {x}, {y}, {beta or F + '(0.0)'}, {z})"
+        assert alpha is beta is None, "np.dot has no alpha and beta"
+        return f"np.dot({x + '.T' if ta else x}, {y + '.T' if tb else y}, {z})"
+
     if at.rank == 2 and bt.rank == 2:
-        w(f"np.dot({A}, {B}, {dest})")
+        w(call(a, b, dest))
         return
     if bt.rank == 2 and not ta:  # [..., M, K] @ [K, N]: one GEMM over all rows
         k = at.shape[-1]
-        w(f"np.dot({a}.reshape(({_prod(at.shape[:-1])}, {_dim(k)})), {B}, "
-          f"{dest}.reshape(({_prod(out.shape[:-1])}, {_dim(out.shape[-1])})))")
+        w(call(f"{a}.reshape(({_prod(at.shape[:-1])}, {_dim(k)}))", b,
+               f"{dest}.reshape(({_prod(out.shape[:-1])}, {_dim(out.shape[-1])}))"))
         return
     batch = out.shape[:-2]
     ivars = [f"g{i}" for i in range(len(batch))]
@@ -42,14 +50,13 @@ def gemm(w, mm: Node, a: str, b: str, dest: str) -> None:
         w(f"for {i} in range({_dim(d)}):")
         w.indent()
 
-    def pick(name: str, t, transposed: bool) -> str:
+    def pick(name: str, t) -> str:
         lead = t.rank - 2
         idx = [("0" if t.shape[j] == 1 and batch[len(batch) - lead + j] != 1 else ivars[len(batch) - lead + j])
                for j in range(lead)]
-        view = f"{name}[{', '.join(idx)}]" if idx else name
-        return f"{view}.T" if transposed else view
+        return f"{name}[{', '.join(idx)}]" if idx else name
 
-    w(f"np.dot({pick(a, at, ta)}, {pick(b, bt, tb)}, {dest}[{', '.join(ivars)}])")
+    w(call(pick(a, at), pick(b, bt), f"{dest}[{', '.join(ivars)}]"))
     w.dedent(len(batch))
 
 
@@ -61,6 +68,24 @@ class RowCtx:
         self.kp, self.w, self.x, self.F = kp, kp.w, x, ftype
         self.stats: dict[str, str] = {}
         self.read = None  # j -> expression of x[row, j]
+
+    def accumulate_in_prologue(self, needs: set[str], value: str):
+        """Start the statistics the anchors need that one pass can give (max, mean) so the
+        prologue loop accumulates them as it makes x: one pass over the row fewer."""
+        F, w = self.F, self.w
+        fused = [s for s in ("max", "mean") if s in needs]
+        for s in fused:
+            w(f"row_{s} = {F}(-np.inf)" if s == "max" else f"row_{s} = {F}(0.0)")
+            self.stats[s] = f"row_{s}"
+
+        def step():
+            for s in fused:
+                w(f"row_max = max(row_max, {value})" if s == "max" else f"row_mean += {value}")
+
+        def finish():
+            if "mean" in fused:
+                w(f"row_mean = row_mean / {F}(C)")
+        return step, finish
 
     def stat(self, name: str, code) -> str:
         if name not in self.stats:
@@ -170,6 +195,23 @@ ROW_TEMPLATES = {"softmax": (_row_softmax, False), "log_softmax": (_row_log_soft
                  "softmax_cross_entropy_grad": (_row_xent_grad, False)}
 
 
+# the statistic each row op needs first (the one a prologue can accumulate while making x)
+ROW_STATS = {"softmax": "max", "log_softmax": "max", "layer_norm": "mean", "softmax_cross_entropy": "max",
+             "softmax_cross_entropy_grad": "max"}
+
+
+def _direct_row_output(k, x: Value, axis: int) -> Value | None:
+    """The anchor result that can be written straight into its output buffer's row (which then
+    also holds x while the row is worked on): the last anchor, the only one with a row result,
+    written out with no epilogue, along the last axis. Each element of the row is read before it
+    is written, so this holds even where the memory plan lets the output share x's storage."""
+    rowwise = [a for a in k.anchors if not ROW_TEMPLATES[a.op][1]]
+    if len(rowwise) != 1 or rowwise[0] is not k.anchors[-1] or k.epilogue is not None:
+        return None
+    v = rowwise[0].outputs[0]
+    return v if v in k.writes and axis == x.type.rank - 1 else None
+
+
 def row_axis(n: Node) -> int:
     """The axis a row op reduces: softmax's ``axis``, else the last (classes, features)."""
     return n.attrs["axis"] if n.op in ("softmax", "log_softmax") else n.inputs[0].type.rank - 1
@@ -209,22 +251,35 @@ def row_kernel(kp) -> None:
     ctx = RowCtx(kp, x, ftype)
     xa = kp.arr(x)
     ctx.read = lambda j: f"{xa}[{at(j)}]"
+    direct = _direct_row_output(k, x, axis)
+
+    def row_of(v: Value) -> str:  # the row of v's buffer, a view
+        return f"{kp.arr(v)}[{', '.join(lead)}]" if lead else kp.arr(v)
     if k.prologue is not None:  # x (when the prologue makes it) into a row buffer
         made = any(s.node.outputs[0] is x for s in k.prologue.stmts)
+        step = finish = None
         if made:
-            w(f"t_x = np.empty(C, {CTOR[x.type.dtype]})")
+            scratch = direct is not None and direct.type.dtype == x.type.dtype
+            w(f"t_x = {row_of(direct)}" if scratch else f"t_x = np.empty(C, {CTOR[x.type.dtype]})")
             ctx.read = lambda j: f"t_x[{j}]"
+            step, finish = ctx.accumulate_in_prologue({ROW_STATS[a.op] for a in k.anchors}, local_name(x))
         w(f"for {jv} in range(C):")
         w.indent()
         kp.loop_body(k.prologue, full)
         if made:
             w(f"t_x[{jv}] = {local_name(x)}")
+            step()
         w.dedent()
+        if made:
+            finish()
     row_outs = {}
     for a in k.anchors:
         template, scalar = ROW_TEMPLATES[a.op]
         if scalar:
             template(ctx, a, accs[a], lead)
+        elif a.outputs[0] is direct:
+            w(f"o_{local_name(direct)[2:]} = {row_of(direct)}")
+            template(ctx, a, f"o_{local_name(direct)[2:]}", lead)
         else:
             row_outs[a.outputs[0]] = f"o_{local_name(a.outputs[0])[2:]}"
             w(f"{row_outs[a.outputs[0]]} = np.empty(C, {CTOR[a.outputs[0].type.dtype]})")

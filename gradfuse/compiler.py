@@ -54,9 +54,7 @@ class CompiledModel:
         return dict(zip(names, arrays, strict=True))
 
     def _run(self, program: Program, feeds: dict) -> list[np.ndarray]:
-        for kind, v in program.graph.args:
-            if kind is not ArgKind.input:
-                feeds[v.name] = self.weights[v.name]
+        feeds = {**self.weights, **feeds}  # the program looks up the parameters and state it takes
         return program.run_checked(feeds) if self.check else program.run(feeds)
 
     def programs(self) -> dict[str, Program]:

@@ -217,8 +217,11 @@ def load(path: str, recompile: bool = False, check_cpu: bool = True):
         module_path = os.path.join(path, info["module"])
         with open(module_path, encoding="utf-8") as f:
             source = f.read()
-        programs[name] = Program(graph, lower(graph), source, module_path, import_module(module_path),
-                                 in_place=frozenset(info["in_place"]))
+        try:
+            module = import_module(module_path)
+        except ImportError as e:  # e.g. kernels calling a BLAS this machine's numpy does not bundle
+            raise ArtifactError(f"{path}: {info['module']}: {e}") from None
+        programs[name] = Program(graph, lower(graph), source, module_path, module, in_place=frozenset(info["in_place"]))
     with np.load(os.path.join(path, "weights.npz"), allow_pickle=False) as f:
         weights = {k: np.array(f[k]) for k in f.files}
     for prog in programs.values():

@@ -63,6 +63,18 @@ def import_module(path: str):
     return module
 
 
+class _SlowPath(Exception):
+    pass
+
+
+@dataclass
+class _Launch:
+    buffers: list  # per kernel buffer: its array, or None where filled per call
+    fresh: list  # (position, shape, dtype): outputs, a new array each call
+    in_place: list  # (position, argument index, shape): arguments written in place
+    outputs: list  # per graph output: (buffer position, None) or (None, argument index)
+
+
 @dataclass
 class Program:
     graph: Graph
@@ -78,7 +90,13 @@ class Program:
         self._buffer_index = {v: i for i, v in enumerate(self.kernels.buffers)}
         self._arg_index = {v: i for i, (_, v) in enumerate(self.graph.args)}
         self._signature = [(kind, v, v.type.dtype.np, v.type.shape) for kind, v in self.graph.args]
+        # per argument: name, dtype, rank, shape, the shape as a tuple if it has no symbol (else
+        # None), whether it is written in place: what the fast path of bind() compares
+        self._fast_signature = [
+            (v.name, dtype, len(shape), shape, None if any(isinstance(d, str) for d in shape) else tuple(shape),
+             kind is not ArgKind.input) for kind, v, dtype, shape in self._signature]
         self._index_checks = any(n.op in INDEXING_OPS for n in self.graph.nodes)
+        self._launches: dict[tuple, _Launch] = {}
 
     @classmethod
     def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, warm: bool = False) -> Program:
@@ -97,6 +115,30 @@ class Program:
     def bind(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, int], list[np.ndarray]]:
         """Check ``feeds`` against the signature; returns the symbol sizes and the argument
         arrays in order (converted where users expect it: Python numbers, lists)."""
+        sizes: dict[str, int] = {}
+        arrays = []
+        try:  # fast path: every feed already an array of the right dtype, shape and layout
+            for name, dtype, ndim, shape, fixed, written in self._fast_signature:
+                a = feeds[name]
+                if (a.__class__ is not np.ndarray or a.dtype != dtype or a.ndim != ndim
+                        or not a.flags.c_contiguous or (written and not a.flags.writeable)):
+                    raise _SlowPath
+                if fixed is None:
+                    for want, got in zip(shape, a.shape, strict=True):  # ranks are equal
+                        if got != want and (want.__class__ is not str or not got
+                                            or sizes.setdefault(want, got) != got):
+                            raise _SlowPath
+                elif a.shape != fixed:
+                    raise _SlowPath
+                arrays.append(a)
+        except (_SlowPath, KeyError):
+            return self._bind_checked(feeds)
+        if self._index_checks:
+            self._check_indices(dict(zip((v.name for _, v in self.graph.args), arrays, strict=True)), sizes)
+        return sizes, arrays
+
+    def _bind_checked(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, int], list[np.ndarray]]:
+        """bind() for feeds that need converting or are wrong: converts or says what is wrong."""
         g = self.graph
         missing = [v.name for _, v in g.args if v.name not in feeds]
         if missing:
@@ -189,19 +231,37 @@ class Program:
         """Run once; returns the outputs (fresh arrays the kernels write into, so nothing is
         copied). Params and state are updated in place in the arrays passed in ``feeds``."""
         sizes, arrays = self.bind(feeds)
-        fresh = {v: np.empty(v.type.concrete(sizes), v.type.dtype.np) for v in self.graph.outputs
-                 if v in self._buffer_index}
-        bufs = [fresh.get(v, arrays[b].reshape(v.type.concrete(sizes)) if isinstance(b, int) else b)
-                for b, v in zip(self.buffers(sizes), self.kernels.buffers, strict=True)]
+        launch = self._launches.get(tuple(sizes.items()))
+        if launch is None:
+            launch = self._launches[tuple(sizes.items())] = self._launch(sizes)
+        bufs = launch.buffers.copy()
+        for at, shape, dtype in launch.fresh:
+            bufs[at] = np.empty(shape, dtype)
+        for at, arg, shape in launch.in_place:
+            bufs[at] = arrays[arg].reshape(shape)
         self.module.step(*arrays, *bufs)
-        args = self._arg_index
-        return [fresh[v] if v in fresh else arrays[args[v]].copy() for v in self.graph.outputs]
+        return [bufs[at] if at is not None else arrays[arg].copy() for at, arg in launch.outputs]
+
+    def _launch(self, sizes: dict[str, int]) -> _Launch:
+        """What run() does at these sizes, worked out once: which buffers are fresh outputs,
+        which are arguments written in place, and where each output comes from."""
+        fresh = {v for v in self.graph.outputs if v in self._buffer_index}
+        launch = _Launch(buffers=[], fresh=[], in_place=[], outputs=[])
+        for at, (b, v) in enumerate(zip(self.buffers(sizes), self.kernels.buffers, strict=True)):
+            launch.buffers.append(None if v in fresh or isinstance(b, int) else b)
+            if v in fresh:
+                launch.fresh.append((at, v.type.concrete(sizes), v.type.dtype.np))
+            elif isinstance(b, int):
+                launch.in_place.append((at, b, v.type.concrete(sizes)))
+        launch.outputs = [(self._buffer_index[v], None) if v in fresh else (None, self._arg_index[v])
+                          for v in self.graph.outputs]
+        return launch
 
     def run_checked(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Like :meth:`run`, kernel by kernel, stopping at the first kernel that writes a NaN or
         an infinity; the error names the kernel and the op and source line inside it that
         produced it first (found by replaying the kernel's nodes with the reference ops)."""
-        from gradfuse.codegen.cpu import KernelPrinter, Writer
+        from gradfuse.codegen.cpu import KernelPrinter, Writer, update_in_gemm
         from gradfuse.ir.registry import get_op
 
         sizes, arrays = self.bind(feeds)
@@ -216,7 +276,9 @@ class Program:
                 env[arr(item.outputs[0])] = values[item.outputs[0]]
                 continue
             getattr(self.module, item.name)(*(env[p] for p in KernelPrinter(item, Writer()).signature()))
-            bad = [v for v in item.writes if v.type.dtype.is_float and not np.all(np.isfinite(values[v]))]
+            folded = update_in_gemm(item, self.kernels)  # its gradient never leaves BLAS
+            bad = [v for v in item.writes if v.type.dtype.is_float and not (folded and v is folded.product)
+                   and not np.all(np.isfinite(values[v]))]
             if bad:
                 raise NumericError(self._explain_nonfinite(item, values, sizes, get_op))
         for old, new in self.graph.updates:

@@ -22,6 +22,7 @@ from scipy import special
 from strategies import graphs, random_feeds
 
 import gradfuse as gf
+from gradfuse.codegen import blas
 from gradfuse.codegen.kernel_ir import Kernel
 from gradfuse.ir.graph import ArgKind, Graph, GraphBuilder, Value
 from gradfuse.ir.interpreter import Result
@@ -377,11 +378,11 @@ SCENARIOS = [
 ]
 
 
-def scenarios_graph() -> tuple[Graph, dict[str, list[str]]]:
-    """All scenarios in one graph, and the names of each scenario's outputs."""
-    b = GraphBuilder("fused_scenarios")
+def scenarios_graph(scenarios=SCENARIOS, name="fused_scenarios") -> tuple[Graph, dict[str, list[str]]]:
+    """The scenarios in one graph, and the names of each scenario's outputs."""
+    b = GraphBuilder(name)
     outputs, names = [], {}
-    for sc in SCENARIOS:
+    for sc in scenarios:
         def arg(name, t, sc=sc):
             return b.arg(f"{sc.name}.{name}", t, exact=True)
 
@@ -439,6 +440,17 @@ def test_fused_scenario_matches_the_interpreter(fused, sc):
         for v in map(fused.graph.value, fused.outputs[sc.name]):
             want, got = fused.values[n][v]
             assert_matches(got, want, fused.graph.producers()[v].op, f"{sc.name} at N={n}: %{v.name}")
+
+
+def test_gemms_fall_back_to_np_dot_without_numpys_openblas(kernel_cache, monkeypatch):
+    """Where numpy bundles no OpenBLAS (built against MKL, Accelerate), GEMMs print as np.dot."""
+    monkeypatch.setattr(blas, "AVAILABLE", False)
+    g, _ = fuse(scenarios_graph([sc for sc in SCENARIOS if sc.kind == "gemm"], "np_dot_gemms")[0], batch=256)
+    prog = Program.compile(g, kernel_cache)
+    assert "np.dot(" in prog.source and "blas_gemm" not in prog.source
+    ref, got, _ = run_both(g, prog, scenario_feeds(g, 3))
+    for v, want, out in zip(g.outputs, ref.outputs, got, strict=True):
+        assert_matches(out, want, "matmul", f"%{v.name}")
 
 
 def test_fused_float32_kernels_compute_in_float32(fused):

@@ -15,17 +15,23 @@ def digits(example_model):
     return example_model("digits_mlp").data()
 
 
-def test_compiled_training_matches_the_interpreter(example_model, kernel_cache, digits):
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_compiled_training_matches_the_interpreter(example_model, kernel_cache, digits, momentum):
+    """With plain SGD each weight's update folds into the GEMM of its gradient (alpha=-lr, beta=1);
+    with momentum the gradient feeds the velocity, so it does not. Check mode runs the last step."""
     model = example_model("digits_mlp")
-    step = training_step(model, SGD(momentum=0.9))
-    compiled = gf.compile(model, gf.SGD(momentum=0.9), cache_dir=kernel_cache)
+    step = training_step(model, SGD(momentum=momentum))
+    compiled = gf.compile(model, gf.SGD(momentum=momentum), cache_dir=kernel_cache)
+    folded = compiled.train_program.source.count("# SGD folded into the GEMM")
+    assert folded == (0 if momentum else 2)  # fc1, fc2 (digits_mlp has two Linear layers)
     state = {**model.initial_values(), **step.new_state}
     rng = np.random.default_rng(1)
-    for _ in range(5):
+    for i in range(5):
         idx = rng.choice(len(digits["x_train"]), 32, replace=False)
         x, y = digits["x_train"][idx], digits["y_train"][idx]
         ref = gf.interpret(step.graph, {"x": x, "y": y, "lr": np.float32(0.05), **state})
         state.update(ref.state)
+        compiled.check = i == 4
         loss = compiled.train_step(x, y, lr=0.05)
         assert loss == pytest.approx(float(ref.outputs[0]), rel=1e-4, abs=1e-5)
     for name, value in state.items():

@@ -1,0 +1,41 @@
+"""The CBLAS calls of the generated GEMMs (numpy's OpenBLAS, with alpha and beta) against numpy."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from gradfuse.codegen import blas
+
+pytestmark = pytest.mark.skipif(not blas.AVAILABLE, reason="numpy has no bundled OpenBLAS here: kernels use np.dot")
+
+
+@pytest.mark.parametrize("dtype, m, ta, tb", list(itertools.product([np.float32, np.float64], [1, 2, 5],
+                                                                   [False, True], [False, True])))
+def test_gemm_is_alpha_op_a_op_b_plus_beta_c(dtype, m, ta, tb):
+    """m = 1 takes GEMV (one example at inference), the others GEMM; every transpose combination."""
+    rng = np.random.default_rng(m)
+    k, n = 7, 3
+    a = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
+    c = rng.standard_normal((m, n)).astype(dtype)
+    want = -0.5 * ((a.T if ta else a) @ (b.T if tb else b)) + 2 * c
+    blas.gemm(ta, tb, dtype(-0.5), a, b, dtype(2.0), c)
+    np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_refuses_a_non_contiguous_result():
+    a, b = np.ones((2, 3), np.float32), np.ones((3, 4), np.float32)
+    c = np.zeros((4, 2), np.float32).T
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        blas.gemm(False, False, np.float32(1), a, b, np.float32(0), c)
+    assert not c.any()
+
+
+def test_gemm_copies_non_contiguous_operands():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6, 3)).astype(np.float32)[::2]  # (3, 3), strided rows
+    b = rng.standard_normal((3, 8)).astype(np.float32)[:, ::2]  # (3, 4), strided columns
+    c = np.zeros((3, 4), np.float32)
+    blas.gemm(False, False, np.float32(1), a, b, np.float32(0), c)
+    np.testing.assert_allclose(c, a @ b, rtol=1e-5)
