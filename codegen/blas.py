@@ -47,6 +47,11 @@ def _numpy_openblas() -> ctypes.CDLL | None:
 _LIB = _numpy_openblas()
 AVAILABLE = _LIB is not None
 if AVAILABLE:
+    # the GEMMs' threads follow NUMBA_NUM_THREADS like the kernels' (unless OpenBLAS is told
+    # otherwise); this is numpy's BLAS, so numpy's matmuls in this process follow it too
+    _threads = os.environ.get("NUMBA_NUM_THREADS")
+    if _threads and not any(os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")):
+        _LIB.scipy_openblas_set_num_threads64_(ctypes.c_int(int(_threads)))
     for _routine in ROUTINES:
         llvm.add_symbol(f"gradfuse_cblas_{_routine}",
                         ctypes.cast(getattr(_LIB, f"scipy_cblas_{_routine}64_"), ctypes.c_void_p).value)

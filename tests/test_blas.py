@@ -39,3 +39,16 @@ def test_gemm_copies_non_contiguous_operands():
     c = np.zeros((3, 4), np.float32)
     blas.gemm(False, False, np.float32(1), a, b, np.float32(0), c)
     np.testing.assert_allclose(c, a @ b, rtol=1e-5)
+
+
+def test_gemm_threads_follow_numba_num_threads():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import gradfuse.codegen.blas\nfrom threadpoolctl import threadpool_info\n"
+            "print([i['num_threads'] for i in threadpool_info() if 'openblas64' in i['filepath']])")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "NUMBA_NUM_THREADS": "1"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[1]"

@@ -1,0 +1,14 @@
+"""The arithmetic behind the benchmark tables (the timings themselves are not tested)."""
+
+from gradfuse.bench import Measurement, mlp_train_flops, render
+
+
+def test_training_flops_count_forward_weight_and_input_gradients():
+    # 3-4-2 at batch 5: forward 2·5·(3·4 + 4·2) = 200, weight gradients 200, ∂L/∂h of the
+    # second layer's input 2·5·4·2 = 80 (∂L/∂x is not computed)
+    assert mlp_train_flops((3, 4, 2), 5) == 480
+
+
+def test_ratios_are_reference_time_over_gradfuse_time():
+    table = render([Measurement("b", "gradfuse", 0.002), Measurement("b", "numpy", 0.005, "note")])
+    assert table.splitlines()[2].split()[1:5] == ["5.000", "ms", "2.50x", "note"]
