@@ -318,7 +318,7 @@ import math
 
 import numpy as np
 from numba import njit, prange
-
+{imports}
 f32, f64, i32, i64, b1 = np.float32, np.float64, np.int32, np.int64, np.bool_
 '''
 
@@ -389,8 +389,7 @@ def print_module(prog: KernelProgram, fastmath: bool = True, jit_step: bool = Tr
     code = "\n".join(body.lines)
     helpers = [helper_source(name, ftype, f"@njit(cache=True, fastmath={flags}, inline='always', {NUMPY_ERRORS})")
                for name, ftype in ordered_helpers(helpers_used(code))]
-    header = HEADER.format(name=g.name, what="one training/inference step as Numba kernels")
-    if "blas_gemm(" in code:
-        header += ("\nfrom gradfuse.codegen.blas import gemm as blas_gemm, require as require_blas\n\n"
-                   f"require_blas()  # codegen/blas.py {blas.SOURCE_HASH}\n")
+    imports = ("\nfrom gradfuse.codegen.blas import gemm as blas_gemm, require as require_blas\n\n"
+               f"require_blas()  # codegen/blas.py {blas.SOURCE_HASH}\n") if "blas_gemm(" in code else ""
+    header = HEADER.format(name=g.name, what="one training/inference step as Numba kernels", imports=imports)
     return header + "\n\n" + "\n\n".join(helpers) + ("\n\n" if helpers else "") + code + "\n"
