@@ -80,6 +80,9 @@ def gemm(transpose_a, transpose_b, alpha, a, b, beta, c):
         raise ValueError("gemm: the result buffer is not C-contiguous")
     m, n = c.shape
     k = a.shape[0] if transpose_a else a.shape[1]
+    if ((a.shape[1] if transpose_a else a.shape[0]) != m or (b.shape[1] if transpose_b else b.shape[0]) != k
+            or (b.shape[0] if transpose_b else b.shape[1]) != n):  # BLAS takes pointers: never out of bounds
+        raise ValueError("gemm: operand shapes do not match the result")
     lda, ldb, ldc = max(1, a.shape[1]), max(1, b.shape[1]), max(1, n)
     if m == 1:  # one row (inference on one example): GEMV, as numpy does; OpenBLAS's GEMM is 4x slower
         rows, cols = b.shape  # c[0] = alpha * op(b)ᵀ · a's one row or column (stride 1 either way) + beta * c[0]

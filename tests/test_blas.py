@@ -52,3 +52,10 @@ def test_gemm_threads_follow_numba_num_threads():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "NUMBA_NUM_THREADS": "1"},
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[1]"
+
+
+def test_gemm_refuses_operands_that_do_not_match_the_result():
+    a, b, c = np.ones((2, 3), np.float32), np.ones((4, 4), np.float32), np.zeros((2, 4), np.float32)
+    with pytest.raises(ValueError, match="do not match"):
+        blas.gemm(False, False, np.float32(1), a, b, np.float32(0), c)
+    assert not c.any()
