@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import special
 
 from ..graph import Value
 from ..registry import Attr, OpDef, register
@@ -224,8 +223,20 @@ _unary("log", np.log, "math.log({0})", doc="natural logarithm", vjp=_log_vjp)
 _unary("sqrt", np.sqrt, "math.sqrt({0})", doc="square root", vjp=_sqrt_vjp)
 _unary("rsqrt", lambda x: 1.0 / np.sqrt(x), "({F}(1.0) / math.sqrt({0}))", doc="1 / sqrt(x)", vjp=_rsqrt_vjp)
 _unary("tanh", np.tanh, "fast_tanh({0})", doc="hyperbolic tangent", vjp=_tanh_vjp)
-_unary("erf", special.erf, "math.erf({0})", doc="error function", vjp=_erf_vjp)
-_unary("sigmoid", special.expit, "sigmoid({0})", doc="1 / (1 + e^-x)", vjp=_sigmoid_vjp)
+def _erf(x):
+    from scipy import special  # here, not at import: scipy.special takes ~0.15 s to import
+
+    return special.erf(x)
+
+
+def _expit(x):
+    from scipy import special
+
+    return special.expit(x)
+
+
+_unary("erf", _erf, "math.erf({0})", doc="error function", vjp=_erf_vjp)
+_unary("sigmoid", _expit, "sigmoid({0})", doc="1 / (1 + e^-x)", vjp=_sigmoid_vjp)
 _unary("relu", lambda x: np.maximum(x, 0), "({F}(0.0) if {0} < {F}(0.0) else {0})", doc="max(x, 0)", vjp=_relu_vjp)
 _unary("leaky_relu", lambda x, alpha: np.where(x > 0, x, alpha * x), "({0} if {0} > {F}(0.0) else {F}({alpha}) * {0})",
        attrs={"alpha": Attr("float", 0.01)}, doc="x if x > 0 else alpha * x", vjp=_leaky_relu_vjp)
@@ -236,7 +247,7 @@ GELU_TANH_C = math.sqrt(2.0 / math.pi)
 def gelu_ref(x, approximate: str):
     if approximate == "tanh":
         return 0.5 * x * (1.0 + np.tanh(GELU_TANH_C * (x + 0.044715 * x**3)))
-    return 0.5 * x * (1.0 + special.erf(x / math.sqrt(2.0)))
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
 
 
 def _gelu_infer(x: TensorType, approximate: str) -> TensorType:
@@ -255,7 +266,7 @@ def gelu_grad_ref(x, g, approximate: str):
         t = np.tanh(inner)
         d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_TANH_C * (1.0 + 3 * 0.044715 * x * x)
     else:
-        d = 0.5 * (1.0 + special.erf(x / math.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+        d = 0.5 * (1.0 + _erf(x / math.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
     return (g * d).astype(x.dtype, copy=False)
 
 
