@@ -107,7 +107,7 @@ class RowCtx:
             self.w(f"{local} = {self.F}(0.0)")
             self.w("for j in range(C):")
             self.w.indent()
-            self.w(f"{local} += math.exp({self.read('j')} - {m})")
+            self.w(f"{local} += fast_exp_{self.F}({self.read('j')} - {m})")
             self.w.dedent()
         return self.stat("sumexp", code)
 
@@ -140,7 +140,7 @@ def _row_softmax(ctx: RowCtx, n: Node, out: str, lead: list[str]) -> None:
     w(f"inv = {ctx.F}(1.0) / {s}")
     w("for j in range(C):")
     w.indent()
-    w(f"{out}[j] = math.exp({ctx.read('j')} - {m}) * inv")
+    w(f"{out}[j] = fast_exp_{ctx.F}({ctx.read('j')} - {m}) * inv")
     w.dedent()
 
 
@@ -173,7 +173,7 @@ def _row_xent_grad(ctx: RowCtx, n: Node, out: str, lead: list[str]) -> None:
     w(f"hit = {g} / {ctx.F}(R)")
     w("for j in range(C):")
     w.indent()
-    w(f"{out}[j] = math.exp({ctx.read('j')} - {m}) * scale")
+    w(f"{out}[j] = fast_exp_{ctx.F}({ctx.read('j')} - {m}) * scale")
     w.dedent()
     w(f"{out}[lbl] -= hit")
 

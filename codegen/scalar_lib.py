@@ -13,6 +13,8 @@ import inspect
 import math  # noqa: F401  (used by the helpers' source)
 import re
 
+import numpy as np  # noqa: F401  (used by the helpers' source)
+
 F = float  # the float type's constructor; the backends substitute f32 or f64 (and Python runs them as is)
 
 
@@ -36,12 +38,33 @@ def fast_tanh(x):
     return (F(1.0) if x > F(0.0) else F(-1.0)) if abs(x) >= F(9.0) else t  # NaN stays NaN
 
 
+def fast_exp(x):
+    """e^x as 2^n · e^r (Cephes' expf): n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts),
+    e^r by a degree-7 polynomial, 2^n from its exponent bits; vectorises, unlike libm's expf (a
+    4096x1024 softmax: 2.9 ms against 12.2). Measured within 4.5 ulp (mean 1.2) of e^x over
+    [-86, 88.7]; inf above 88.72; results below 2^-125 (x < -87) flush to 0; NaN stays NaN."""
+    c = min(max(x, F(-87.33654475)), F(88.72283935))
+    n = np.floor(c * F(1.4426950408889634) + F(0.5))  # np.floor stays float: vectorises
+    r = c - n * F(0.693359375) - n * F(-2.12194440e-4)
+    p = F(1.9875691500e-4) * r + F(1.3981999507e-3)
+    p = p * r + F(8.3334519073e-3)
+    p = p * r + F(4.1665795894e-2)
+    p = p * r + F(1.6666665459e-1)
+    p = p * r + F(5.0000001201e-1)
+    p = p * r * r + r + F(1.0)
+    half_scale = np.int32((np.int32(n) + np.int32(126)) << 23).view(np.float32)  # 2^(n-1): no overflow at n=128
+    y = p * half_scale * F(2.0)
+    return y if x == x else x
+
+
 def sigmoid(x):
-    """σ(x) = (1 + tanh(x/2)) / 2: no overflow for large |x|, and vectorises."""
-    return F(0.5) + F(0.5) * fast_tanh(F(0.5) * x)
+    """1 / (1 + e^-x): relative accuracy kept where σ is tiny (x << 0), 0 and 1 at the ends."""
+    return F(1.0) / (F(1.0) + fast_exp(-x))
 
 
 def gelu_tanh(x):
+    """Through the rational tanh: in a fused GELU+LayerNorm row kernel it measured 1.70 ms against
+    1.90 for x σ(2u) with fast_exp (which is faster alone, 1.43 against 1.62 ms)."""
     return F(0.5) * x * (F(1.0) + fast_tanh(F(0.7978845608028654) * (x + F(0.044715) * x * x * x)))
 
 
@@ -87,10 +110,15 @@ def tanh_exact(x):
     return math.tanh(x)
 
 
-# (helper, float type) -> the function used instead of the generic helper for that type
-SPECIAL = {("fast_tanh", "f64"): tanh_exact}
+def exp_exact(x):
+    """float64 keeps libm's exp (the polynomial above is for float32)."""
+    return math.exp(x)
 
-HELPERS = {f.__name__: f for f in (fast_tanh, sigmoid, gelu_tanh, gelu_none, gelu_grad_tanh, gelu_grad_none,
+
+# (helper, float type) -> the function used instead of the generic helper for that type
+SPECIAL = {("fast_tanh", "f64"): tanh_exact, ("fast_exp", "f64"): exp_exact}
+
+HELPERS = {f.__name__: f for f in (fast_tanh, fast_exp, sigmoid, gelu_tanh, gelu_none, gelu_grad_tanh, gelu_grad_none,
                                    hash32, counter_uniform, dropout)}
 _CALL = re.compile(r"\b(" + "|".join(HELPERS) + r")\(")
 

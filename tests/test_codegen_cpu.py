@@ -474,6 +474,7 @@ def test_cross_entropy_rows_run_in_parallel(fused):
 # ---- 3. the scalar library: approximations over a wide range, the counter hash ---------------
 WIDE = np.concatenate([np.linspace(-20, 20, 801), [0.0, 1e-30, -1e-30, 1e-7, -1e-7, 1e-4, -1e-4, 1e-2, -1e-2]])
 EXACT = {  # float64 truth for each op
+    "exp": np.exp,
     "tanh": np.tanh,
     "sigmoid": special.expit,
     "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
@@ -483,7 +484,8 @@ EXACT = {  # float64 truth for each op
 
 @pytest.fixture(scope="module")
 def approximations(kernel_cache):
-    """tanh, sigmoid and both gelu forms over WIDE, in f32 and f64: one elementwise kernel per dtype."""
+    """exp, tanh, sigmoid and both gelu forms over WIDE, in f32 and f64: one elementwise kernel per
+    dtype; and exp at the ends of float32's range."""
     b = GraphBuilder("approximations")
     outs = []
     for dt in (DType.f32, DType.f64):
@@ -491,10 +493,29 @@ def approximations(kernel_cache):
         for name in EXACT:
             op, attrs = ("gelu", {"approximate": name[5:]}) if name.startswith("gelu") else (name, {})
             outs.append(b.emit1(op, x, attrs=attrs, hint=f"{name}.{dt}"))
+    ends = b.arg("ends", TensorType(DType.f32, (len(EXP_ENDS),)), exact=True)
+    outs.append(b.emit1("exp", ends, hint="exp_ends"))
     g, _ = fuse(b.finish(outs))
     prog = Program.compile(g, kernel_cache)
-    got = prog.run({"xf32": WIDE.astype(np.float32), "xf64": WIDE})
+    got = prog.run({"xf32": WIDE.astype(np.float32), "xf64": WIDE, "ends": EXP_ENDS})
     return {v.name: a for v, a in zip(g.outputs, got, strict=True)}
+
+
+EXP_ENDS = np.array([-np.inf, -1e4, -87.5, -87.3, -86.0, -1e-7, 0.0, 1e-7, 88.0, 88.72, 88.73, 1e4, np.inf, np.nan],
+                    np.float32)
+
+
+def test_fast_exp_at_the_ends_of_the_float32_range(approximations):
+    """inf above 88.72, NaN stays NaN, within 5 ulp elsewhere; results below 2^-125 may flush to 0."""
+    got = approximations["exp_ends"]
+    with np.errstate(over="ignore"):
+        want = np.exp(EXP_ENDS.astype(np.float64))
+    tiny = want < 2.0 ** -125
+    assert np.all(got[tiny] <= want[tiny])
+    finite = ~tiny & (want <= np.finfo(np.float32).max)
+    ulps = np.abs(got[finite] - want[finite]) / np.spacing(want[finite].astype(np.float32))
+    assert ulps.max() <= 5, ulps
+    assert np.all(np.isinf(got[want > np.finfo(np.float32).max])) and np.isnan(got[-1])
 
 
 @pytest.mark.parametrize("name", list(EXACT))

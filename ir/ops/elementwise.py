@@ -218,7 +218,7 @@ def _leaky_relu_vjp(ctx, g):
 
 _unary("neg", np.negative, "(-{0})", allowed=NUMERIC, doc="-x", vjp=_neg_vjp)
 _unary("abs", np.abs, "abs({0})", allowed=NUMERIC, doc="|x|", vjp=_abs_vjp)
-_unary("exp", np.exp, "math.exp({0})", doc="e^x", vjp=_exp_vjp)
+_unary("exp", np.exp, "fast_exp({0})", doc="e^x", vjp=_exp_vjp)
 _unary("log", np.log, "math.log({0})", doc="natural logarithm", vjp=_log_vjp)
 _unary("sqrt", np.sqrt, "math.sqrt({0})", doc="square root", vjp=_sqrt_vjp)
 _unary("rsqrt", lambda x: 1.0 / np.sqrt(x), "({F}(1.0) / math.sqrt({0}))", doc="1 / sqrt(x)", vjp=_rsqrt_vjp)
