@@ -63,9 +63,21 @@ def sigmoid(x):
 
 
 def gelu_tanh(x):
-    """Through the rational tanh: in a fused GELU+LayerNorm row kernel it measured 1.70 ms against
-    1.90 for x σ(2u) with fast_exp (which is faster alone, 1.43 against 1.62 ms)."""
-    return F(0.5) * x * (F(1.0) + fast_tanh(F(0.7978845608028654) * (x + F(0.044715) * x * x * x)))
+    """x (1 + tanh u) / 2 = x / (1 + e^(-2u)), u = √(2/π)(x + 0.044715 x³), with fast_exp's
+    polynomial inlined and trimmed for this use: -2u clamped to [-87, 88] (2^n needs no second
+    scaling step), one-part ln 2, no NaN select (x carries NaN through). Within 1.8e-6 relative
+    wherever |gelu| > 1e-6 (the rational tanh lost all relative accuracy at x << 0: 0.44), and
+    in a fused GELU+LayerNorm row kernel 1.58 ms against 1.70 through the rational tanh."""
+    z = min(max(F(-1.5957691216057308) * (x + F(0.044715) * x * x * x), F(-87.0)), F(88.0))
+    n = np.floor(z * F(1.4426950408889634) + F(0.5))
+    r = z - n * F(0.6931471805599453)
+    p = F(1.9875691500e-4) * r + F(1.3981999507e-3)
+    p = p * r + F(8.3334519073e-3)
+    p = p * r + F(4.1665795894e-2)
+    p = p * r + F(1.6666665459e-1)
+    p = p * r + F(5.0000001201e-1)
+    p = p * r * r + r + F(1.0)
+    return x / (F(1.0) + p * np.int32((np.int32(n) + np.int32(127)) << 23).view(np.float32))
 
 
 def gelu_none(x):
@@ -110,13 +122,18 @@ def tanh_exact(x):
     return math.tanh(x)
 
 
+def gelu_tanh_exact(x):
+    """float64 computes the formula with libm's tanh."""
+    return F(0.5) * x * (F(1.0) + math.tanh(F(0.7978845608028654) * (x + F(0.044715) * x * x * x)))
+
+
 def exp_exact(x):
     """float64 keeps libm's exp (the polynomial above is for float32)."""
     return math.exp(x)
 
 
 # (helper, float type) -> the function used instead of the generic helper for that type
-SPECIAL = {("fast_tanh", "f64"): tanh_exact, ("fast_exp", "f64"): exp_exact}
+SPECIAL = {("fast_tanh", "f64"): tanh_exact, ("fast_exp", "f64"): exp_exact, ("gelu_tanh", "f64"): gelu_tanh_exact}
 
 HELPERS = {f.__name__: f for f in (fast_tanh, fast_exp, sigmoid, gelu_tanh, gelu_none, gelu_grad_tanh, gelu_grad_none,
                                    hash32, counter_uniform, dropout)}
