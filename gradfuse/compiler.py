@@ -9,11 +9,15 @@ an artifact: nothing in it needs the model's Python code.
 
 from __future__ import annotations
 
+import functools
+import glob
+import hashlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from gradfuse.errors import InputError
+from gradfuse.errors import GradfuseError, InputError
 from gradfuse.ir.graph import ArgKind, Graph
 from gradfuse.ir.types import TensorType
 from gradfuse.model import Model
@@ -64,19 +68,59 @@ class CompiledModel:
 def compile(model: Model, optimizer: SGD | Adam | None = None, cache_dir: str = DEFAULT_CACHE,
             pipeline: str = PIPELINE) -> CompiledModel:
     """Trace, differentiate, optimise and generate the kernels of ``model`` for the CPU."""
-    forward = run_pipeline(model.trace(), pipeline).graph
+    forward = cached_pipeline(model.trace(), pipeline, cache_dir)
     predict = Program.compile(forward, cache_dir)
     weights = {k: np.ascontiguousarray(v) for k, v in model.initial_values().items()}
     train = None
     optimizer = optimizer or SGD()
     if model.loss is not None:
         step = training_step(model, optimizer)
-        train = Program.compile(run_pipeline(step.graph, pipeline).graph, cache_dir)
+        train = Program.compile(cached_pipeline(step.graph, pipeline, cache_dir), cache_dir)
         weights.update(step.new_state)
         _add_missing_state(step.graph, weights)
     _add_missing_state(forward, weights)
     return CompiledModel(model.name, dict(model.inputs), dict(model.targets), predict, train, weights,
                          optimizer.describe() if train else "none")
+
+
+def cached_pipeline(graph: Graph, pipeline: str, cache_dir: str) -> Graph:
+    """``run_pipeline(graph, pipeline).graph``, kept as IR text in ``cache_dir`` under a hash of the
+    input IR, the pipeline and gradfuse's own source: compiling the same model again (a new
+    process) parses the optimised IR back instead of running the passes (as ``load`` does)."""
+    from gradfuse.ir.parser import parse_graph
+
+    key = hashlib.sha256("\n".join((_source_digest(), pipeline, str(graph))).encode()).hexdigest()[:24]
+    path = os.path.join(cache_dir, "pipelines", f"{graph.name}_{key}.gfir")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_graph(f.read(), file=path)
+    except (OSError, GradfuseError):  # not cached yet (or unreadable): run the passes
+        pass
+    result = run_pipeline(graph, pipeline).graph
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(str(result))
+    os.replace(tmp, path)  # atomic: a concurrent compile reads all of it or nothing
+    return result
+
+
+@functools.cache
+def _source_digest() -> str:
+    """A hash of every gradfuse source file: cached pipelines are valid for this code only."""
+    import gradfuse.codegen
+    import gradfuse.ir
+    import gradfuse.passes
+    import gradfuse.runtime
+
+    packages = (gradfuse, gradfuse.ir, gradfuse.passes, gradfuse.codegen, gradfuse.runtime)
+    files = {f for m in packages for f in glob.glob(os.path.join(os.path.dirname(m.__file__), "**", "*.py"),
+                                                    recursive=True)}
+    h = hashlib.sha256()
+    for path in sorted(files):
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + f.read())
+    return h.hexdigest()
 
 
 def _add_missing_state(g: Graph, weights: dict[str, np.ndarray]) -> None:

@@ -73,6 +73,7 @@ class _Launch:
     fresh: list  # (position, shape, dtype): outputs, a new array each call
     in_place: list  # (position, argument index, shape): arguments written in place
     outputs: list  # per graph output: (buffer position, None) or (None, argument index)
+    updated_outputs: list = field(default_factory=list)  # outputs that are arguments the step updates
 
 
 @dataclass
@@ -239,8 +240,10 @@ class Program:
             bufs[at] = np.empty(shape, dtype)
         for at, arg, shape in launch.in_place:
             bufs[at] = arrays[arg].reshape(shape)
+        before = {arg: arrays[arg].copy() for arg in launch.updated_outputs}  # returned as they came in
         self.module.step(*arrays, *bufs)
-        return [bufs[at] if at is not None else arrays[arg].copy() for at, arg in launch.outputs]
+        return [bufs[at] if at is not None else before[arg] if arg in before else arrays[arg].copy()
+                for at, arg in launch.outputs]
 
     def _launch(self, sizes: dict[str, int]) -> _Launch:
         """What run() does at these sizes, worked out once: which buffers are fresh outputs,
@@ -255,6 +258,8 @@ class Program:
                 launch.in_place.append((at, b, v.type.concrete(sizes)))
         launch.outputs = [(self._buffer_index[v], None) if v in fresh else (None, self._arg_index[v])
                           for v in self.graph.outputs]
+        updated = {self._arg_index[old] for old, new in self.graph.updates if new is not old}
+        launch.updated_outputs = [arg for _, arg in launch.outputs if arg in updated]
         return launch
 
     def run_checked(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -265,6 +270,8 @@ class Program:
         from gradfuse.ir.registry import get_op
 
         sizes, arrays = self.bind(feeds)
+        updated = {old for old, new in self.graph.updates if new is not old}
+        before = {v: arrays[self._arg_index[v]].copy() for v in self.graph.outputs if v in updated}
         env: dict[str, object] = dict(sizes)
         values = {v: a for (_, v), a in zip(self.graph.args, arrays, strict=True)}
         values.update((v, arrays[b].reshape(v.type.concrete(sizes)) if isinstance(b, int) else b)
@@ -284,7 +291,7 @@ class Program:
         for old, new in self.graph.updates:
             if new is not old:
                 values[old][...] = values[new]
-        return [values[v].copy() for v in self.graph.outputs]
+        return [before[v] if v in before else values[v].copy() for v in self.graph.outputs]
 
     def _explain_nonfinite(self, kernel, values, sizes, get_op) -> str:
         """Replay the kernel's nodes in numpy to find the first one whose result is not finite."""

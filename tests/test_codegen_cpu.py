@@ -561,6 +561,19 @@ def test_random_fused_graphs_compile_to_the_interpreters_numbers(g, seed, kernel
         np.testing.assert_allclose(args[name], want, rtol=1e-5, atol=1e-5, err_msg=f"%{name} of\n{fused_graph}")
 
 
+def test_an_updated_argument_that_is_also_an_output_comes_back_as_it_came_in(kernel_cache):
+    """Found by the test above: state s updated to 2s and returned as s, the value before the step."""
+    b = GraphBuilder("returns_updated_state")
+    s = b.arg("s", f32(3), ArgKind.state)
+    g = b.finish([s], updates=[(s, b.emit1("mul", s, b.emit1("const", attrs={"value": 2.0})))])
+    prog = Program.compile(fuse(g, batch=3)[0], kernel_cache)
+    for run in (prog.run, prog.run_checked):
+        feeds = {"s": np.array([1.0, 2.0, 3.0], np.float32)}
+        (out,) = run(feeds)
+        np.testing.assert_array_equal(out, [1.0, 2.0, 3.0])
+        np.testing.assert_array_equal(feeds["s"], [2.0, 4.0, 6.0])
+
+
 # ---- 5. the examples' training steps ----------------------------------------------------------
 # digits_mlp with SGD + momentum is the very program gf.compile builds for the runtime tests (compiled
 # once per session); the bigger two take Adam, whose graph adds pow, sqrt and division by state
