@@ -315,11 +315,12 @@ print(time.perf_counter() - t)
 def bench_compile(quick: bool) -> list[Measurement]:
     out = []
     with tempfile.TemporaryDirectory() as cache:
-        for label in ("cold (empty cache)", "warm (Numba cache on disk)"):
+        for label, what in (("cold (empty cache)", "import + trace + passes + codegen + JIT + first step"),
+                            ("warm (cache on disk)", "import + trace + cached IR and kernels + first step")):
             result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT.format(cache=cache)],
                                     capture_output=True, text=True, check=True)
             out.append(Measurement(f"mlp train-step compile, {label}", "gradfuse", float(result.stdout.split()[-1]),
-                                   "new process: import + trace + passes + codegen + JIT + first step"))
+                                   f"new process: {what}"))
     return out
 
 
