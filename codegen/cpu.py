@@ -10,8 +10,9 @@ Kernel shapes:
   SGD update of the weight whose gradient it makes folds into the GEMM (alpha, beta);
 - reduction: per output element over trailing axes (rows), or accumulating into an array in
   input order (leading axes, e.g. bias gradients), with prologue and epilogue;
-- row: one pass per row for softmax, log_softmax, layer_norm and cross-entropy (prologue into
-  a row buffer, the op, the epilogue); other structured and layout ops use whole-tensor templates.
+- row: per row for softmax, log_softmax, layer_norm and cross-entropy: the prologue makes the row
+  (accumulating its max or sum on the way) into the output row or a row buffer, then the op and
+  the epilogue; other structured and layout ops use whole-tensor templates.
 """
 
 from __future__ import annotations

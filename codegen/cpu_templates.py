@@ -218,7 +218,8 @@ def row_axis(n: Node) -> int:
 
 
 def row_kernel(kp) -> None:
-    """For r in rows: prologue into a row buffer, the anchors (sharing max / sum-exp / moments),
+    """For r in rows: prologue into a row buffer (the output row when the op writes straight to
+    it), accumulating the first statistic as it goes; the anchors (sharing max / sum-exp / moments),
     then the epilogue; results one scalar per row are summed over rows (a prange reduction).
     A row runs along ``row_axis`` (not necessarily the last): the other axes are unravelled from r."""
     k, w = kp.k, kp.w
