@@ -302,6 +302,50 @@ class KernelPrinter:
         cpu_templates.whole_tensor_kernel(self)
 
 
+def _bind_symbols(body: Writer, g) -> dict[str, str]:
+    """``N = b_x.shape[0]`` for each batch symbol, from its first argument; symbol -> where from."""
+    bound = {}
+    for _, v in g.args:
+        for axis, d in enumerate(v.type.shape):
+            if isinstance(d, str) and d not in bound:
+                body(f"{d} = {arr(v)}.shape[{axis}]")
+                bound[d] = f"{arr(v)}.shape[{axis}]"
+    return bound
+
+
+def _shape_mismatches(g, bound: dict[str, str]) -> list[str]:
+    """Conditions, one per argument axis, that are true where the argument's shape is wrong."""
+    out = [f"{d} == 0" for d in bound]
+    for _, v in g.args:
+        for axis, d in enumerate(v.type.shape):
+            where = f"{arr(v)}.shape[{axis}]"
+            if where not in bound.values():
+                out.append(f"{where} != {d}")
+    return out or ["False"]
+
+
+def _step_body(body: Writer, prog: KernelProgram, serial: dict[str, str], in_place: frozenset[str]) -> None:
+    g = prog.graph
+    returned = set(prog.buffers)
+    for item in prog.schedule:
+        if isinstance(item, Node):  # a view: reshape shares the buffer, or fills the one returned
+            x, y = item.inputs[0], item.outputs[0]
+            view = f"{arr(x)}.reshape({_shape_expr(y.type.shape)})"
+            body(f"{arr(y)}[...] = {view}" if y in returned else f"{arr(y)} = {view}")
+        else:
+            call = f"({', '.join(KernelPrinter(item, Writer()).signature())})"
+            if item.name in serial:
+                body(f"if {serial[item.name]} >= {PARALLEL_ELEMENTS}:")
+                body(f"    {item.name}{call}")
+                body("else:")
+                body(f"    {item.name}_serial{call}")
+            else:
+                body(f"{item.name}{call}")
+    for old, new in g.updates:
+        if new is not old and old.name not in in_place:
+            body(f"{arr(old)}[...] = {arr(new)}")
+
+
 def _shape_expr(shape) -> str:
     return "(" + "".join(f"{_dim(d)}, " for d in shape) + ")"
 
@@ -324,13 +368,12 @@ f32, f64, i32, i64, b1 = np.float32, np.float64, np.int32, np.int64, np.bool_
 '''
 
 
-def print_module(prog: KernelProgram, fastmath: bool = True, jit_step: bool = True,
-                 in_place: frozenset[str] = frozenset()) -> str:
-    """The whole program as Python source. ``jit_step=False`` leaves ``step`` a Python function:
-    Numba links every kernel into a jitted caller and compiles it all again, which doubles the
-    compile time of programs with hundreds of kernels (tests); the price is a dispatch per kernel.
-    ``in_place`` names the updated arguments whose new value the runtime has the kernels write
-    straight into the argument (the memory plan): those need no copy at the end."""
+def print_module(prog: KernelProgram, fastmath: bool = True, in_place: frozenset[str] = frozenset()) -> str:
+    """The whole program as Python source: the kernels, a Python ``step`` calling them in order
+    (a dispatch per kernel, but nothing compiled twice: Numba links every kernel into a jitted
+    caller and compiles it all again), and ``checked_step``, which small programs compile for
+    one dispatch per call. ``in_place`` names the updated arguments whose new value the runtime
+    has the kernels write straight into the argument (the memory plan): those need no copy."""
     g = prog.graph
     flags = FASTMATH if fastmath else False
     body = Writer()
@@ -354,38 +397,26 @@ def print_module(prog: KernelProgram, fastmath: bool = True, jit_step: bool = Tr
             body.lines += [line.replace("prange(", "range(") for line in kernel.lines]
             body("    return")
             body()
-    # the step function: every kernel, in order
+    # the step function: every kernel, in order; and the same behind shape checks, for the runtime
+    # to compile with Numba under an explicit signature (one dispatch per call: see Program)
     args = [arr(v) for _, v in g.args]
     bufs = [arr(v) for v in prog.buffers]
-    if jit_step:
-        body("@njit(cache=True, nogil=True)")
     body(f"def step({', '.join(args + bufs)}):")
     body.indent()
-    bound = set()
-    for _, v in g.args:
-        for axis, d in enumerate(v.type.shape):
-            if isinstance(d, str) and d not in bound:
-                body(f"{d} = {arr(v)}.shape[{axis}]")
-                bound.add(d)
-    returned = set(prog.buffers)
-    for item in prog.schedule:
-        if isinstance(item, Node):  # a view: reshape shares the buffer, or fills the one returned
-            x, y = item.inputs[0], item.outputs[0]
-            view = f"{arr(x)}.reshape({_shape_expr(y.type.shape)})"
-            body(f"{arr(y)}[...] = {view}" if y in returned else f"{arr(y)} = {view}")
-        else:
-            call = f"({', '.join(KernelPrinter(item, Writer()).signature())})"
-            if item.name in serial:
-                body(f"if {serial[item.name]} >= {PARALLEL_ELEMENTS}:")
-                body(f"    {item.name}{call}")
-                body("else:")
-                body(f"    {item.name}_serial{call}")
-            else:
-                body(f"{item.name}{call}")
-    for old, new in g.updates:
-        if new is not old and old.name not in in_place:
-            body(f"{arr(old)}[...] = {arr(new)}")
+    bound = _bind_symbols(body, g)
+    _step_body(body, prog, serial, in_place)
     body("return")
+    body.dedent()
+    body()
+    body(f"def checked_step({', '.join(args + bufs)}):")
+    body.indent()
+    body('"""step(...) if every argument has its shape (1 if not: the caller says what is wrong)."""')
+    bound = _bind_symbols(body, g)
+    checks = _shape_mismatches(g, bound)
+    body(f"if ({checks[0]}" + "".join(f"\n{'    ' * (body.depth + 2)}or {c}" for c in checks[1:]) + "):")
+    body("    return 1")
+    _step_body(body, prog, serial, in_place)
+    body("return 0")
     body.dedent()
     code = "\n".join(body.lines)
     helpers = [helper_source(name, ftype, f"@njit(cache=True, fastmath={flags}, inline='always', {NUMPY_ERRORS})")

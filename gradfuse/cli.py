@@ -48,8 +48,10 @@ def _stage_fused(model, args) -> Graph:
 def _stage_kernels(model, args) -> str:
     from gradfuse.codegen.cpu import print_module
     from gradfuse.codegen.kernel_ir import lower
+    from gradfuse.runtime.program import in_place_updates
 
-    return print_module(lower(_stage_fused(model, args)))
+    graph = _stage_fused(model, args)
+    return print_module(lower(graph), in_place=in_place_updates(graph, 256))  # as Program.compile prints it
 
 
 # stage name -> (what it shows, how to build it from a Model)

@@ -26,6 +26,7 @@ from gradfuse.passes.optimizer import SGD, Adam
 from gradfuse.passes.training import training_step
 from gradfuse.runtime.program import DEFAULT_CACHE, Program
 
+ONE_DISPATCH_KERNELS = 8
 PIPELINE = "simplify,fuse,memory-plan"  # the plan's pass puts the nodes in its memory-saving order
 
 
@@ -39,6 +40,12 @@ class CompiledModel:
     weights: dict[str, np.ndarray]  # params, optimizer state, running statistics: updated in place
     optimizer: str = "none"  # how the training step updates the weights, e.g. "sgd(momentum=0.9, ...)"
     check: bool = False  # run kernel by kernel and stop at the first NaN/Inf, naming the op and line
+
+    def __post_init__(self):
+        # inference of a small model is a few short kernels, where per-call overhead shows: one
+        # compiled call instead (Program.one_dispatch); a training step runs for milliseconds
+        p = self.predict_program
+        p.one_dispatch = len(p.kernels.kernels) <= ONE_DISPATCH_KERNELS and not p.checks_indices
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """The model's output for a batch (inference mode)."""

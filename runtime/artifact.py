@@ -113,6 +113,8 @@ def _write(compiled, root: str, stages: dict[str, str]) -> None:
         with open(os.path.join(root, "ir", f"{name}.gfir"), "w", encoding="utf-8") as f:
             f.write(text)
     for name, prog in compiled.programs().items():
+        if prog.one_dispatch:
+            prog.compile_checked_step()  # into Numba's cache, which the artifact copies below
         ir_file = f"ir/{name}.fused.gfir"
         with open(os.path.join(root, ir_file), "w", encoding="utf-8") as f:
             f.write(str(prog.graph))

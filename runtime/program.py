@@ -85,6 +85,7 @@ class Program:
     module: object
     compile_seconds: float = 0.0
     in_place: frozenset[str] = frozenset()  # updated arguments the kernels write directly (no copy)
+    one_dispatch: bool = False  # run through checked_step compiled with a signature (see _run_compiled)
     _buffers: dict[tuple, list[np.ndarray | int]] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -98,6 +99,14 @@ class Program:
              kind is not ArgKind.input) for kind, v, dtype, shape in self._signature]
         self._index_checks = any(n.op in INDEXING_OPS for n in self.graph.nodes)
         self._launches: dict[tuple, _Launch] = {}
+        self._arg_names = [v.name for _, v in self.graph.args]
+        seen: dict[str, tuple[int, int]] = {}  # batch symbol -> (argument, axis) it is read from
+        for i, (_, v) in enumerate(self.graph.args):
+            for axis, d in enumerate(v.type.shape):
+                if isinstance(d, str):
+                    seen.setdefault(d, (i, axis))
+        self._symbol_sources = [(d, i, axis) for d, (i, axis) in seen.items()]
+        self._compiled_step = None  # checked_step under its signature, once compiled; False if it cannot be
 
     @classmethod
     def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, warm: bool = False) -> Program:
@@ -106,11 +115,16 @@ class Program:
         in_place = in_place_updates(graph, 256)
         # a Python `step` calling the jitted kernels: a jitted one compiles every kernel a second
         # time, inlined (2.5x the compile time measured), for a few microseconds per call
-        source = print_module(kernels, in_place=in_place, jit_step=False)
+        source = print_module(kernels, in_place=in_place)
         module, path = load_module(source, cache_dir, graph.name)
         prog = cls(graph, kernels, source, path, module, in_place=in_place)
         prog.compile_seconds = time.perf_counter() - start
         return prog
+
+    @property
+    def checks_indices(self) -> bool:
+        """Whether some input is checked beyond dtype and shape (labels, ids) before a run."""
+        return self._index_checks
 
     # -- checks at the boundary -----------------------------------------------------------
     def bind(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, int], list[np.ndarray]]:
@@ -231,19 +245,67 @@ class Program:
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run once; returns the outputs (fresh arrays the kernels write into, so nothing is
         copied). Params and state are updated in place in the arrays passed in ``feeds``."""
+        if self.one_dispatch:
+            out = self._run_compiled(feeds)
+            if out is not None:
+                return out
         sizes, arrays = self.bind(feeds)
         launch = self._launches.get(tuple(sizes.items()))
         if launch is None:
             launch = self._launches[tuple(sizes.items())] = self._launch(sizes)
+        return self._call(self.module.step, launch, arrays)
+
+    def _call(self, step, launch: _Launch, arrays: list[np.ndarray]) -> list[np.ndarray] | None:
         bufs = launch.buffers.copy()
         for at, shape, dtype in launch.fresh:
             bufs[at] = np.empty(shape, dtype)
         for at, arg, shape in launch.in_place:
             bufs[at] = arrays[arg].reshape(shape)
         before = {arg: arrays[arg].copy() for arg in launch.updated_outputs}  # returned as they came in
-        self.module.step(*arrays, *bufs)
+        if step(*arrays, *bufs):
+            return None  # checked_step found a wrong shape and ran nothing
         return [bufs[at] if at is not None else before[arg] if arg in before else arrays[arg].copy()
                 for at, arg in launch.outputs]
+
+    def _run_compiled(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray] | None:
+        """One compiled call that checks and runs: Numba's dispatcher matches every argument's
+        dtype, rank and C layout against the signature, ``checked_step`` the shapes. The Python
+        path (bind, then a dispatch per kernel) costs ~8 us more per call, which is what batch-1
+        inference is made of; a compiled caller costs about a second of compile once (cached).
+        None where anything is off (or at a new batch size): the checked path then runs, or says
+        what is wrong."""
+        try:
+            arrays = [feeds[name] for name in self._arg_names]
+            key = tuple((d, arrays[i].shape[axis]) for d, i, axis in self._symbol_sources)
+        except (KeyError, AttributeError, IndexError):
+            return None
+        launch = self._launches.get(key)
+        if launch is None or self._compiled_step is False:
+            return None
+        if self._compiled_step is None:
+            self.compile_checked_step()
+            if self._compiled_step is False:
+                return None
+        try:
+            return self._call(self._compiled_step, launch, arrays)
+        except TypeError:  # an argument whose type is not the signature's: nothing ran
+            return None
+
+    def compile_checked_step(self) -> None:
+        """Compile ``checked_step`` under its signature now (Numba caches it beside the kernels,
+        so an artifact saved afterwards carries it); on failure the Python path stays."""
+        from numba import njit, types
+
+        def array(v):
+            dtype = {"f32": types.float32, "f64": types.float64, "i32": types.int32, "i64": types.int64,
+                     "bool": types.boolean}[v.type.dtype.value]
+            return types.Array(dtype, v.type.rank, "C")
+
+        signature = types.int64(*(array(v) for _, v in self.graph.args), *(array(v) for v in self.kernels.buffers))
+        try:
+            self._compiled_step = njit(signature, cache=True, nogil=True)(self.module.checked_step)
+        except Exception:  # noqa: BLE001 - the Python path still works; never fail a run for this
+            self._compiled_step = False
 
     def _launch(self, sizes: dict[str, int]) -> _Launch:
         """What run() does at these sizes, worked out once: which buffers are fresh outputs,

@@ -41,9 +41,12 @@ loaded = time.perf_counter()
 x = np.load(sys.argv[2]); y = np.load(sys.argv[3])
 pred = m.predict(x)
 first = time.perf_counter()
+assert (m.predict(x) == pred).all()  # the second call: checked_step, compiled, from the artifact
 loss = m.train_step(x, y, lr=0.05)
-misses = sum(len(f.stats.cache_misses) for p in m.programs().values()
-             for f in vars(p.module).values() if hasattr(f, "stats"))
+compiled = [f for p in m.programs().values() for f in [*vars(p.module).values(), p._compiled_step]
+            if hasattr(f, "stats")]
+assert m.predict_program._compiled_step in compiled
+misses = sum(len(f.stats.cache_misses) for f in compiled)
 np.save(sys.argv[4], pred)
 np.savez(sys.argv[5], **m.weights)
 print(json.dumps({"loss": loss, "misses": misses, "load": loaded - start, "first": first - loaded}))

@@ -72,6 +72,28 @@ def test_bad_inputs_are_refused_before_any_kernel_runs(compiled_digits, x, messa
         np.testing.assert_array_equal(compiled_digits.weights[k], v)  # nothing was half-updated
 
 
+@pytest.mark.parametrize(("x", "message"), [
+    (np.zeros((4, 63), np.float32), "expects f32[N,64], got shape [4, 63]"),
+    (np.zeros((4, 64), np.float64), "dtype float64"),
+    (np.zeros((4, 64), np.int32), "dtype int32"),
+    (np.zeros((0, 64), np.float32), "the batch is empty"),
+], ids=["features", "float64", "int32", "empty"])
+def test_small_inference_runs_in_one_compiled_call(compiled_digits, digits, monkeypatch, x, message):
+    """The second call at a batch size goes through checked_step compiled with a signature, not
+    the Python step; wrong inputs still get the checked path's errors, and nothing runs."""
+    program = compiled_digits.predict_program
+    assert program.one_dispatch
+    x4 = digits["x_test"][:4]
+    want = compiled_digits.predict(x4)  # a new batch size: the Python path makes its buffers
+    monkeypatch.setattr(program.module, "step", lambda *a: pytest.fail("the Python step ran"))
+    np.testing.assert_array_equal(compiled_digits.predict(x4), want)
+    with pytest.raises(InputError, match=message.replace("[", r"\[")):
+        compiled_digits.predict(x)
+    x4_strided = np.repeat(x4, 2, axis=1)[:, ::2]  # not C-contiguous: converted by the checked path
+    monkeypatch.undo()
+    np.testing.assert_array_equal(compiled_digits.predict(x4_strided), want)
+
+
 def test_labels_out_of_range_and_mismatched_batches(compiled_digits):
     x = np.zeros((4, 64), np.float32)
     with pytest.raises(InputError, match=r"labels must lie in \[0, 10\), got min 0, max 10"):
