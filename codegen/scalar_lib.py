@@ -64,18 +64,18 @@ def sigmoid(x):
 
 def gelu_tanh(x):
     """x (1 + tanh u) / 2 = x / (1 + e^(-2u)), u = √(2/π)(x + 0.044715 x³), with fast_exp's
-    polynomial inlined and trimmed for this use: -2u clamped to [-87, 88] (2^n needs no second
-    scaling step), one-part ln 2, no NaN select (x carries NaN through). Within 1.8e-6 relative
-    wherever |gelu| > 1e-6 (the rational tanh lost all relative accuracy at x << 0: 0.44), and
-    in a fused GELU+LayerNorm row kernel 1.58 ms against 1.70 through the rational tanh."""
+    method inlined and trimmed for this use: -2u clamped to [-87, 88] (2^n needs no second
+    scaling step), one-part ln 2, no NaN select (x carries NaN through), and e^r to degree 5
+    (a near-minimax fit, 1.8e-7 relative on |r| <= ln2/2). Within 1.8e-6 relative wherever
+    |gelu| > 1e-6 (the rational tanh lost all relative accuracy at x << 0: 0.44); in the fused
+    GELU+LayerNorm row kernel, 4096x1024: 1.37 ms, against 1.61 with fast_exp's degree-7
+    polynomial and 1.70 through the rational tanh."""
     z = min(max(F(-1.5957691216057308) * (x + F(0.044715) * x * x * x), F(-87.0)), F(88.0))
     n = np.floor(z * F(1.4426950408889634) + F(0.5))
     r = z - n * F(0.6931471805599453)
-    p = F(1.9875691500e-4) * r + F(1.3981999507e-3)
-    p = p * r + F(8.3334519073e-3)
-    p = p * r + F(4.1665795894e-2)
-    p = p * r + F(1.6666665459e-1)
-    p = p * r + F(5.0000001201e-1)
+    p = F(0.008346440270543098) * r + F(0.04192711040377617)
+    p = p * r + F(0.16666781902313232)
+    p = p * r + F(0.4999886155128479)
     p = p * r * r + r + F(1.0)
     return x / (F(1.0) + p * np.int32((np.int32(n) + np.int32(127)) << 23).view(np.float32))
 
