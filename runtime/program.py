@@ -113,9 +113,7 @@ class Program:
         start = time.perf_counter()
         kernels = lower(graph)
         in_place = in_place_updates(graph, 256)
-        # a Python `step` calling the jitted kernels: a jitted one compiles every kernel a second
-        # time, inlined (2.5x the compile time measured), for a few microseconds per call
-        source = print_module(kernels, in_place=in_place)
+        source = print_module(kernels, in_place=in_place)  # `step` in Python, `checked_step` for one_dispatch
         module, path = load_module(source, cache_dir, graph.name)
         prog = cls(graph, kernels, source, path, module, in_place=in_place)
         prog.compile_seconds = time.perf_counter() - start
@@ -294,12 +292,10 @@ class Program:
     def compile_checked_step(self) -> None:
         """Compile ``checked_step`` under its signature now (Numba caches it beside the kernels,
         so an artifact saved afterwards carries it); on failure the Python path stays."""
-        from numba import njit, types
+        from numba import from_dtype, njit, types
 
         def array(v):
-            dtype = {"f32": types.float32, "f64": types.float64, "i32": types.int32, "i64": types.int64,
-                     "bool": types.boolean}[v.type.dtype.value]
-            return types.Array(dtype, v.type.rank, "C")
+            return types.Array(from_dtype(v.type.dtype.np), v.type.rank, "C")
 
         signature = types.int64(*(array(v) for _, v in self.graph.args), *(array(v) for v in self.kernels.buffers))
         try:
