@@ -109,7 +109,7 @@ class Program:
         self._compiled_step = None  # checked_step under its signature, once compiled; False if it cannot be
 
     @classmethod
-    def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, warm: bool = False) -> Program:
+    def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE) -> Program:
         start = time.perf_counter()
         kernels = lower(graph)
         in_place = in_place_updates(graph, 256)
@@ -243,7 +243,7 @@ class Program:
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run once; returns the outputs (fresh arrays the kernels write into, so nothing is
         copied). Params and state are updated in place in the arrays passed in ``feeds``."""
-        if self.one_dispatch:
+        if self.one_dispatch and self._compiled_step is not False:
             out = self._run_compiled(feeds)
             if out is not None:
                 return out
@@ -278,7 +278,7 @@ class Program:
         except (KeyError, AttributeError, IndexError):
             return None
         launch = self._launches.get(key)
-        if launch is None or self._compiled_step is False:
+        if launch is None:
             return None
         if self._compiled_step is None:
             self.compile_checked_step()
