@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .types import TensorType
+from .types import DType, TensorType
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.]*$")
 # How provenance notes start (written by passes/autodiff.py and passes/optimizer.py).
@@ -135,6 +135,19 @@ class Graph:
         return print_graph(self)
 
 
+def _scalar_key(value: float, dtype) -> tuple[float, DType]:
+    """(the value as ``dtype`` holds it, dtype): values that round to the same constant share it."""
+    dtype = DType.of(dtype)
+    return (float(dtype.np.type(value)) if dtype.is_float else float(value)), dtype
+
+
+def _scalar_text(value: float, dtype: DType) -> str:
+    """The shortest decimal that reads back as ``value`` in ``dtype`` (numpy's shortest repr)."""
+    if not dtype.is_float or value == 0:  # -0.0 too: it shares the constant 0.0
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(dtype.np.type(value)).removesuffix(".0")
+
+
 class GraphBuilder:
     """Builds a graph node by node, checking each op's shape rule as it goes.
 
@@ -165,15 +178,18 @@ class GraphBuilder:
         for v in n.outputs:
             self._claim(v.name)
         if n.op == "const" and n.attrs["shape"] == () and n.note is None:  # not e.g. the autodiff seed
-            self._scalars.setdefault((n.attrs["value"], n.attrs["dtype"]), n.outputs[0])
+            self._scalars.setdefault(_scalar_key(n.attrs["value"], n.attrs["dtype"]), n.outputs[0])
 
     def scalar(self, value: float, dtype) -> Value:
-        """A scalar constant, emitted once per graph and shared by every use (``%c0``, ``%c0.5``)."""
-        key = (float(value), dtype)
+        """A scalar constant, emitted once per graph and value (in its dtype) and shared by every
+        use; named by the shortest decimal that gives the value in that dtype (``%c0``, ``%c0.5``,
+        ``%c0.1`` for float32 1 - 0.9), with the dtype added where another dtype took the name."""
+        key = _scalar_key(value, dtype)
         if key not in self._scalars:
-            text = str(int(value)) if float(value).is_integer() else repr(float(value))
-            text = text.replace("-", "neg").replace("+", "")
+            text = _scalar_text(key[0], key[1]).replace("-", "neg").replace("+", "")
             hint = f"c{text}" if NAME_RE.match(f"c{text}") else "c"
+            if hint in self._names:  # e.g. %c1 in f32 and %c1.f64
+                hint = f"{hint}.{key[1]}"
             (self._scalars[key],) = self.emit("const", [], {"value": float(value), "dtype": dtype, "shape": ()},
                                               hint=hint)
         return self._scalars[key]

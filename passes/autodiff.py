@@ -82,6 +82,7 @@ class Gradients:
     loss: Value
     grads: dict[str, Value]  # differentiated argument name -> its gradient
     saved: list[Value]  # forward values the backward reads (what training must keep in memory)
+    independent: tuple[str, ...] = ()  # arguments the loss does not depend on: their gradient is a zero const
 
 
 def differentiate(g: Graph, wrt: Sequence[str] | None = None, loss_index: int = 0) -> Gradients:
@@ -144,10 +145,12 @@ def differentiate(g: Graph, wrt: Sequence[str] | None = None, loss_index: int = 
                 cotangents.setdefault(v, []).append(gv)
 
     grads: dict[str, Value] = {}
+    independent = []
     for name in wrt:
         v = args[name]
         gv = total(v)
         if gv is None:  # the loss does not depend on it: its gradient is zero
+            independent.append(name)
             gv = b.emit1("const", attrs={"value": 0.0, "dtype": v.type.dtype, "shape": list(v.type.shape)},
                          hint=f"{GRAD_PREFIX}{name}", note=f"the loss does not depend on %{name}")
         elif gv.name != f"{GRAD_PREFIX}{name}":
@@ -162,5 +165,5 @@ def differentiate(g: Graph, wrt: Sequence[str] | None = None, loss_index: int = 
         {by_name[v.name] for v in g.inputs}
     saved = list(dict.fromkeys(v for n in joint.nodes if n.outputs[0] not in forward_values
                                for v in n.inputs if v in forward_values))
-    return Gradients(joint, by_name[loss.name], grads, saved)
+    return Gradients(joint, by_name[loss.name], grads, saved, tuple(independent))
 

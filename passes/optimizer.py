@@ -13,7 +13,7 @@ import numpy as np
 
 from gradfuse.errors import GradfuseError
 from gradfuse.ir.graph import ArgKind, Graph, GraphBuilder, Value
-from gradfuse.ir.types import TensorType
+from gradfuse.ir.types import DType, TensorType
 
 from .autodiff import Gradients
 
@@ -31,7 +31,8 @@ class SGD:
 
 @dataclass(frozen=True)
 class Adam:
-    """Adam (Kingma & Ba) with bias correction; ``weight_decay`` adds wd·p to g (L2, as PyTorch's Adam)."""
+    """Adam (Kingma & Ba) with bias correction (1 - β^t computed in float64); ``weight_decay`` adds
+    wd·p to g (L2, as PyTorch's Adam)."""
 
     beta1: float = 0.9
     beta2: float = 0.999
@@ -49,17 +50,29 @@ OPTIMIZERS = {"sgd": SGD, "adam": Adam}
 class TrainingStep:
     graph: Graph  # args: inputs, targets, %lr, params, state; outputs: loss, prediction
     new_state: dict[str, np.ndarray]  # initial values of the state the optimizer added (zeros)
+    left_alone: tuple[str, ...] = ()  # params the loss does not depend on: no update and no state
 
 
 class _Updater:
     def __init__(self, b: GraphBuilder, opt, note: str):
         self.b, self.opt, self.note = b, opt, note
 
-    def emit(self, op: str, *inputs: Value, hint: str, what: str) -> Value:
-        return self.b.emit1(op, *inputs, hint=hint, note=f"{self.note}: {what}")
+    def emit(self, op: str, *inputs: Value, hint: str, what: str, **attrs) -> Value:
+        return self.b.emit1(op, *inputs, attrs=attrs, hint=hint, note=f"{self.note}: {what}")
 
     def c(self, value: float, like: Value) -> Value:
         return self.b.scalar(value, like.type.dtype)
+
+    def bias_correction(self, beta: float, t: Value, k: int, dtype: DType) -> Value:
+        """1 - β^t computed in ``t``'s dtype (float64), rounded once to ``dtype``. 1 - β^t cancels:
+        in float32 (β2 = 0.999 held as 0.99900001) it came out 1.3e-5 short: every step ~7e-6 short."""
+        wide = t.type.dtype
+        beta_t = self.emit("pow", self.c(beta, t), t, hint=f"adam.beta{k}_t", what=f"β{k}^t")
+        bias = self.emit("sub", self.c(1.0, t), beta_t, hint=f"adam.bias{k}" + ("" if wide is dtype else f".{wide}"),
+                         what=f"1 - β{k}^t")
+        if wide is dtype:
+            return bias
+        return self.emit("cast", bias, hint=f"adam.bias{k}", what=f"1 - β{k}^t, rounded once", dtype=dtype)
 
 
 def add_optimizer(grads: Gradients, optimizer: SGD | Adam) -> TrainingStep:
@@ -76,21 +89,24 @@ def add_optimizer(grads: Gradients, optimizer: SGD | Adam) -> TrainingStep:
         new_state[name] = np.zeros(like.concrete({}), dtype=like.dtype.np)
         return v
 
+    # PyTorch's optimizers skip a parameter whose .grad is None: no weight decay, momentum or step
+    left_alone = tuple(name for name in grads.independent if name in params)
     step = None
     if isinstance(optimizer, Adam):
-        step = state("adam.step", TensorType(grads.loss.type.dtype, ()))
-        one = b.scalar(1.0, step.type.dtype)
-        step_next = b.emit1("add", step, one, hint="adam.step.next", note="adam: t += 1")
+        dtype = grads.loss.type.dtype
+        step = state("adam.step", TensorType(dtype, ()))
+        step_next = b.emit1("add", step, b.scalar(1.0, dtype), hint="adam.step.next", note="adam: t += 1")
         updates.append((step, step_next))
+        for c in (optimizer.beta1, 1 - optimizer.beta1, optimizer.beta2, 1 - optimizer.beta2, optimizer.eps):
+            b.scalar(c, dtype)  # before the float64 ones below, so these are %c0.9 and those %c0.9.f64
         u = _Updater(b, optimizer, "adam")
-        bc1 = u.emit("sub", one, u.emit("pow", u.c(optimizer.beta1, step), step_next, hint="adam.beta1_t",
-                                        what="β1^t"), hint="adam.bias1", what="1 - β1^t")
-        bc2 = u.emit("sub", one, u.emit("pow", u.c(optimizer.beta2, step), step_next, hint="adam.beta2_t",
-                                        what="β2^t"), hint="adam.bias2", what="1 - β2^t")
+        why = "t in float64: 1 - β^t cancels (in float32 1 - β2^t was 1.3e-5 short)"
+        t = step_next if dtype is DType.f64 else u.emit("cast", step_next, hint="adam.t", what=why, dtype=DType.f64)
+        bc1, bc2 = (u.bias_correction(beta, t, k, dtype) for k, beta in ((1, optimizer.beta1), (2, optimizer.beta2)))
 
     for name, gv in grads.grads.items():
-        if name not in params:
-            continue  # a gradient with respect to an input: reported, not applied
+        if name not in params or name in left_alone:
+            continue  # a gradient with respect to an input (reported, not applied), or no gradient
         p = params[name]
         if p.type.symbols:
             raise GradfuseError(f"cannot train %{name}: its shape {p.type} depends on the batch size")
@@ -129,4 +145,4 @@ def add_optimizer(grads: Gradients, optimizer: SGD | Adam) -> TrainingStep:
 
     b.args.sort(key=lambda arg: list(ArgKind).index(arg[0]))  # inputs first, as users read signatures
     outputs = [grads.loss] + [v for v in g.outputs if v is not grads.loss and v not in grads.grads.values()]
-    return TrainingStep(b.finish(outputs, updates), new_state)
+    return TrainingStep(b.finish(outputs, updates), new_state, left_alone)

@@ -351,3 +351,27 @@ def feeds_for(g: Graph, c: OpCase, bindings: Mapping[str, int] | None = None,
         if v.name not in feeds:
             feeds[v.name] = np.zeros(v.type.concrete(dict(bindings or {})), dtype=v.type.dtype.np)
     return feeds
+
+
+# ---- a confident model's logits (cross-entropy accuracy) -------------------------------------
+CONFIDENT = [(loss, top) for loss in (1e-4, 1e-5, 1e-6, 1e-7) for top in (5.0, 30.0)]  # (row loss, top logit)
+
+
+def confident_logits(rng: np.random.Generator, rows: int, classes: int, loss: float,
+                     top: float) -> tuple[np.ndarray, np.ndarray]:
+    """float32 logits whose every row has a cross-entropy near ``loss`` (the label's logit ahead of
+    standard normal others by log((classes - 1) / loss)) and its largest logit at ``top``; labels."""
+    labels = rng.integers(0, classes, rows)
+    z = rng.standard_normal((rows, classes))
+    z[np.arange(rows), labels] = np.log((classes - 1) / loss)
+    z += top - z[np.arange(rows), labels][:, None]
+    return z.astype(np.float32), labels
+
+
+def cross_entropy_f64(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean -log softmax(logits)[label] in float64 as log1p(Σ_{j≠label} e^(z_j - z_label)), which
+    keeps a tiny loss to float64 precision (no max subtracted: for |z| well below 700)."""
+    z = logits.astype(np.float64)
+    gap = z - np.take_along_axis(z, labels[:, None], axis=1)
+    others = np.arange(z.shape[1]) != labels[:, None]
+    return float(np.log1p(np.where(others, np.exp(gap), 0.0).sum(axis=1)).mean())

@@ -46,14 +46,29 @@ def steps(example_model):
     return get
 
 
-def assert_same(g, plan: MemoryPlan, feeds, rtol=1e-4, atol=1e-6):
-    """run_planned == interpret on outputs and updates (BLAS may sum in another order: a tolerance)."""
+# Params whose gradient is zero in exact arithmetic but not in floating point: the key projection's
+# bias adds the same q·b to every score of a query row, which softmax ignores, so the gradient of
+# attn.k.bias is rounding noise (~1e-9, against ~0.1 for attn.q.bias) whose sign depends on the
+# summation order (BLAS in the planned run, numpy in the interpreter). Adam normalises it: its first
+# step is lr·g/(|g| + ε), up to lr in a direction set by that noise. What can be asserted of such a
+# param is that bound, in both runs; its moments (~1e-10) are still compared like everything else.
+ADAM_NOISE = {"digits_attention": {"attn.k.bias"}}
+
+
+def assert_same(g, plan: MemoryPlan, feeds, rtol=1e-4, atol=1e-6, noise=()):
+    """run_planned == interpret on outputs and updates (BLAS may sum in another order: a tolerance);
+    for the params in ``noise`` (see ADAM_NOISE) only that each run's first Adam step is <= lr."""
     with np.errstate(all="ignore"):
         want, got = gf.interpret(g, feeds), run_planned(g, plan, feeds)
     for i, (a, b) in enumerate(zip(want.outputs, got.outputs, strict=True)):
         np.testing.assert_allclose(b, a, rtol=rtol, atol=atol, equal_nan=True, err_msg=f"output {i}")
     assert want.state.keys() == got.state.keys()
     for name, a in want.state.items():
+        if name in noise:
+            for run, new in (("interpreted", a), ("planned", got.state[name])):
+                moved = np.abs(new.astype(np.float64) - feeds[name]).max()
+                assert moved <= float(feeds["lr"]) * (1 + 1e-6), f"{name} ({run}) moved {moved} > lr"
+            continue
         np.testing.assert_allclose(got.state[name], a, rtol=rtol, atol=atol, equal_nan=True, err_msg=name)
 
 
@@ -125,7 +140,7 @@ def test_examples_run_planned_as_interpreted(steps, model, optimizer):
     g, feeds, plan = steps(model, optimizer)
     check_plan(plan)
     assert plan.peak <= 1.1 * plan.lower_bound and plan.peak <= 0.5 * plan.no_reuse
-    assert_same(g, plan, feeds)
+    assert_same(g, plan, feeds, noise=ADAM_NOISE.get(model, set()) if isinstance(optimizer, Adam) else set())
     moments = [u for u in plan.updates if u.arg.endswith((".momentum", ".adam_m", ".adam_v", "running_mean",
                                                          "running_var"))]
     assert moments and all(u.in_place for u in moments), [u.why for u in moments if not u.in_place]

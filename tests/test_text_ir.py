@@ -16,6 +16,7 @@ from gradfuse.ir.dot import BACKWARD_COLOR, quote, to_dot, to_svg
 from gradfuse.ir.graph import ArgKind, Graph, GraphBuilder, SourceLoc
 from gradfuse.ir.parser import parse_comment, parse_graph
 from gradfuse.ir.printer import format_attr, print_graph
+from gradfuse.ir.types import DType
 
 
 def summary(g: Graph, comments: bool = True) -> list:
@@ -115,6 +116,24 @@ def test_no_args_no_outputs():
 def test_hand_written_graph_round_trips():
     assert_round_trip(training_graph())
     assert_round_trip(tiny_graph())
+
+
+def test_scalar_constants_are_named_by_their_shortest_repr_in_their_dtype():
+    """float32 1 - 0.9 is 0.1 (Adam's %c0.1, not %c0.09999999999999998); values that round to
+    the same constant share it; a name another dtype took gets the dtype; the text round-trips."""
+    b = GraphBuilder("constants")
+    x = b.arg("x", f32("N", 4))
+    cases = [(1 - 0.9, "f32", "c0.1"), (0.1, "f32", "c0.1"), (1 - 0.9, "f64", "c0.09999999999999998"),
+             (8 ** -0.5, "f32", "c0.35355338"), (1.0, "f32", "c1"), (1.0, "f64", "c1.f64"), (-0.0, "f32", "c0"),
+             (1e-8, "f32", "c1eneg08"), (1e20, "f32", "c1e20"), (math.inf, "f32", "cinf"), (3.0, "i64", "c3")]
+    values = [b.scalar(v, DType(dt)) for v, dt, _ in cases]
+    assert [v.name for v in values] == [name for _, _, name in cases]
+    assert values[0] is values[1] and values[4] is not values[5]
+    out = x
+    for v in values:
+        if v.type.dtype is DType.f32:
+            out = b.emit1("mul", out, v)
+    assert_round_trip(b.finish([out, *values]))
 
 
 def test_shape_symbols_named_like_keywords():

@@ -25,7 +25,7 @@ from gradfuse.errors import GradfuseError
 from gradfuse.ir.graph import ArgKind, Graph, GraphBuilder, Node, SourceLoc
 from gradfuse.ir.interpreter import interpret
 from gradfuse.ir.registry import OpDef, all_ops, get_op
-from gradfuse.ir.types import DType, as_type
+from gradfuse.ir.types import DType, TensorType, as_type
 from gradfuse.passes.autodiff import Gradients, differentiate
 from gradfuse.passes.precision import with_float
 
@@ -244,6 +244,43 @@ def test_batch_norm_train_loss_through_the_running_mean_only():
     _, gx, gmean = interpret(grads.graph, feeds).outputs
     np.testing.assert_allclose(gx, np.full((4, 3), 0.25 / 4), rtol=1e-12)
     np.testing.assert_allclose(gmean, np.full(3, 0.75), rtol=1e-12)
+
+
+def _max_tie_gradient(x: np.ndarray, u: np.ndarray, axes: list[int], keepdims: bool) -> np.ndarray:
+    """d Σ(u · max(x, axes)) / dx from the IR, in float64."""
+    b = GraphBuilder("max_ties")
+    xv = b.arg("x", TensorType(DType.f64, x.shape), exact=True)
+    y = b.emit1("max", xv, attrs={"axes": axes, "keepdims": keepdims})
+    uv = b.arg("u", y.type, exact=True)
+    loss = b.emit1("sum", b.emit1("mul", y, uv), attrs={"axes": list(range(y.type.rank))}, hint="loss")
+    grads = differentiate(b.finish([loss]), wrt=["x"])
+    return interpret(grads.graph, {"x": x, "u": u}).outputs[1]
+
+
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_max_ties_share_the_gradient_evenly(keepdims):
+    """A max-pool over zero-padded windows: tied maximal elements split g (not k copies of g),
+    as numpy's and PyTorch's amax subgradient does, so each group's gradient still sums to g."""
+    x = np.array([[0.0, 0.0, 0.0, 0.0],  # four-way tie
+                  [1.0, 3.0, 3.0, -2.0],  # two-way tie
+                  [5.0, 0.0, 0.0, 1.0]])  # a single maximum
+    u = np.array([2.0, -1.0, 4.0])
+    got = _max_tie_gradient(x, u.reshape(3, 1) if keepdims else u, [1], keepdims)
+    mask = x == x.max(axis=1, keepdims=True)
+    np.testing.assert_array_equal(got, mask * (u / mask.sum(axis=1))[:, None])
+    np.testing.assert_array_equal(got.sum(axis=1), u)
+    torch = pytest.importorskip("torch")
+    xt = torch.tensor(x, requires_grad=True)
+    torch.amax(xt, dim=1, keepdim=keepdims).backward(torch.tensor(u.reshape(3, 1) if keepdims else u))
+    np.testing.assert_allclose(got, xt.grad.numpy(), rtol=0, atol=1e-15)
+
+
+def test_max_ties_over_several_axes():
+    x = np.zeros((2, 3, 2))
+    x[1, 0, 1] = x[1, 2, 0] = 1.0  # two maxima in group 1, six in group 0
+    got = _max_tie_gradient(x, np.array([6.0, 1.0]), [1, 2], False)
+    np.testing.assert_array_equal(got[0], np.ones((3, 2)))
+    np.testing.assert_array_equal(got[1], np.where(x[1] == 1.0, 0.5, 0.0))
 
 
 def test_the_finite_difference_check_catches_a_wrong_rule():

@@ -75,10 +75,19 @@ def check_indices(op: str, what: str, ids, size: int) -> None:
 
 
 def xent_ref(logits, labels):
+    """Per row (m - x[label]) + log1p(Σ_j e^(x_j - m) - 1), m the row's max, with the sum minus 1
+    taken as (ties - 1) + Σ over the x_j below m: a confident row's tiny loss is then never
+    rounded at the size of m or of 1 (``-log_softmax[label]`` was: relative error 1e-3 at a loss
+    of 1e-6, 0.3 at 1e-7, in float32). The CPU row kernel computes the same way."""
     check_indices("softmax_cross_entropy", "labels", labels, logits.shape[-1])
-    logp = log_softmax_ref(logits, -1)
-    picked = np.take_along_axis(logp, labels[..., None].astype(np.int64), axis=-1)
-    return np.asarray(-picked.mean(), dtype=logits.dtype)
+    dt = logits.dtype
+    m = logits.max(axis=-1, keepdims=True)
+    d = logits - m
+    top = d >= 0  # the maximal elements (NaN is not: it goes into the sum and on into the loss)
+    below = np.where(top, dt.type(0), np.exp(d)).sum(axis=-1)
+    picked = np.take_along_axis(logits, labels[..., None].astype(np.int64), axis=-1)
+    rows = (m - picked)[..., 0] + np.log1p((top.sum(axis=-1) - 1).astype(dt) + below)
+    return np.asarray(rows.mean(), dtype=dt)
 
 
 _BACKWARD_OP = "a backward op: gradients of gradients are not supported"

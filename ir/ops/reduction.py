@@ -42,18 +42,23 @@ def _mean_vjp(ctx, g):
 
 
 def _max_vjp(ctx, g):
+    """Ties share the gradient evenly (the subgradient numpy's and PyTorch's ``amax`` use): each of
+    the k maximal elements of a group gets g / k, so the gradients still sum to g."""
     (x,) = ctx.inputs
     (y,) = ctx.outputs
     axes, keepdims = ctx.attrs["axes"], ctx.attrs["keepdims"]
     mask = ctx.emit("eq", x, ctx.broadcast_back(y, x, axes, keepdims), rule="x == max",
                     hint=f"{y.name}.argmax")
-    return [ctx.emit("where", mask, ctx.broadcast_back(g, x, axes, keepdims), ctx.const(0.0, g),
-                     rule="g at the maximal elements")]
+    ties = ctx.emit("sum", ctx.emit("cast", mask, rule="1 at the maximal elements", dtype=g.type.dtype),
+                    rule="k = maximal elements per group", hint=f"{y.name}.ties", axes=axes, keepdims=keepdims)
+    share = ctx.emit("div", g, ties, rule="g / k")
+    return [ctx.emit("where", mask, ctx.broadcast_back(share, x, axes, keepdims), ctx.const(0.0, g),
+                     rule="g / k at each of the k maximal elements")]
 
 
 _reduction("sum", np.sum, NUMERIC, "sum over axes", _sum_vjp)
 _reduction("mean", np.mean, FLOATS, "arithmetic mean over axes", _mean_vjp)
-_reduction("max", np.max, NUMERIC, "maximum over axes; the gradient goes to every maximal element", _max_vjp)
+_reduction("max", np.max, NUMERIC, "maximum over axes; tied maximal elements share the gradient evenly", _max_vjp)
 
 
 def _count_infer(x: TensorType, *, axes) -> TensorType:
