@@ -18,10 +18,13 @@ from gradfuse.ir.interpreter import interpret
 from gradfuse.ir.types import DType, TensorType
 from gradfuse.model import Model, trace
 from gradfuse.passes.optimizer import SGD, Adam
+from gradfuse.pytorch import from_pytorch, to_pytorch
+from gradfuse.state_dict import StateDictError
 
 
 def compile(model, optimizer=None, **options):
-    """Compile ``model`` for the CPU: see :func:`gradfuse.compiler.compile`."""
+    """Compile ``model`` for the CPU (``dtype="f64"`` computes in float64): see
+    :func:`gradfuse.compiler.compile`."""
     from gradfuse.compiler import compile as _compile
 
     return _compile(model, optimizer, **options)
@@ -37,4 +40,5 @@ def load(path, recompile=False):
 __version__ = "0.1.0"
 
 __all__ = ["SGD", "Adam", "DType", "GradfuseError", "IRParseError", "InputError", "Model", "ShapeError",
-           "TensorType", "VerifyError", "compile", "load", "functional", "interpret", "ir", "nn", "trace"]
+           "StateDictError", "TensorType", "VerifyError", "compile", "from_pytorch", "functional", "interpret", "ir",
+           "load", "nn", "to_pytorch", "trace"]

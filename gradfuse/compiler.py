@@ -5,6 +5,11 @@ eval mode) and, when the model has a loss, the training step (forward, backward,
 update). Parameters, optimizer state and BatchNorm statistics live in ``weights`` and are
 updated in place by ``train_step``. A CompiledModel is also what ``gradfuse.load`` returns for
 an artifact: nothing in it needs the model's Python code.
+
+``state_dict()`` / ``load_state_dict()`` read and write the parameters and buffers as PyTorch's
+do (numpy arrays by dotted path, no optimizer state); see :mod:`gradfuse.state_dict`.
+``compile(..., dtype="f64")`` computes everything in float64 (inputs, weights, every float op),
+for checking numerics against a float64 reference.
 """
 
 from __future__ import annotations
@@ -13,18 +18,21 @@ import functools
 import glob
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from gradfuse.errors import GradfuseError, InputError
 from gradfuse.ir.graph import ArgKind, Graph
-from gradfuse.ir.types import TensorType
-from gradfuse.model import Model
+from gradfuse.ir.types import DType, TensorType
+from gradfuse.model import Model, float_dtype, trace_loss
 from gradfuse.passes.manager import run_pipeline
 from gradfuse.passes.optimizer import SGD, Adam
+from gradfuse.passes.precision import with_float
 from gradfuse.passes.training import training_step
 from gradfuse.runtime.program import DEFAULT_CACHE, Program
+from gradfuse.state_dict import LoadResult, check_state
 
 ONE_DISPATCH_KERNELS = 8
 PIPELINE = "simplify,fuse,memory-plan"  # the plan's pass puts the nodes in its memory-saving order
@@ -40,54 +48,118 @@ class CompiledModel:
     weights: dict[str, np.ndarray]  # params, optimizer state, running statistics: updated in place
     optimizer: str = "none"  # how the training step updates the weights, e.g. "sgd(momentum=0.9, ...)"
     check: bool = False  # run kernel by kernel and stop at the first NaN/Inf, naming the op and line
+    loss_graph: Graph | None = None  # (prediction, *targets) -> loss: what evaluation measures (metrics.py)
 
     def __post_init__(self):
         # inference of a small model is a few short kernels, where per-call overhead shows: one
         # compiled call instead (Program.one_dispatch); a training step runs for milliseconds
         p = self.predict_program
         p.one_dispatch = len(p.kernels.kernels) <= ONE_DISPATCH_KERNELS and not p.checks_indices
+        lr = [v for kind, v in self.train_program.graph.args if v.name == "lr"] if self.train_program else []
+        self._lr_dtype = lr[0].type.dtype.np if lr else np.dtype(np.float32)
+        # f32 arrays for f64 inputs are widened (exact); the runtime refuses the other way (lossy)
+        self._widen = {n for n, t in {**self.inputs, **self.targets}.items() if t.dtype is DType.f64}
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """The model's output for a batch (inference mode)."""
-        return self._run(self.predict_program, self._inputs(self.inputs, [x]))[0]
+    def predict(self, *inputs: np.ndarray) -> np.ndarray:
+        """The model's output for a batch (inference mode): one array per input."""
+        return self._run(self.predict_program, self._inputs(self.inputs, inputs))[0]
 
     def train_step(self, *arrays: np.ndarray, lr: float) -> float:
         """One step of forward, backward and optimizer update on a batch; returns the loss."""
         if self.train_program is None:
             raise InputError(f"model {self.name} has no loss: pass loss=... to gradfuse.Model to train it")
         feeds = self._inputs({**self.inputs, **self.targets}, arrays)
-        feeds["lr"] = np.asarray(lr, dtype=np.float32)
+        feeds["lr"] = np.asarray(lr, dtype=self._lr_dtype)
         return float(self._run(self.train_program, feeds)[0])
 
     def _inputs(self, names, arrays) -> dict[str, np.ndarray]:
         if len(arrays) != len(names):
             raise InputError(f"expected {len(names)} array(s) ({', '.join(names)}), got {len(arrays)}")
-        return dict(zip(names, arrays, strict=True))
+        feeds = dict(zip(names, arrays, strict=True))
+        for name in self._widen.intersection(feeds):
+            a = feeds[name]
+            if isinstance(a, np.ndarray) and a.dtype == np.float32:
+                feeds[name] = a.astype(np.float64)
+        return feeds
 
     def _run(self, program: Program, feeds: dict) -> list[np.ndarray]:
         feeds = {**self.weights, **feeds}  # the program looks up the parameters and state it takes
         return program.run_checked(feeds) if self.check else program.run(feeds)
 
+    @property
+    def prediction(self) -> TensorType:
+        """The type of what ``predict`` returns."""
+        return self.predict_program.graph.outputs[0].type
+
     def programs(self) -> dict[str, Program]:
         return {"predict": self.predict_program, **({"train": self.train_program} if self.train_program else {})}
 
+    # ---- weights in and out, as PyTorch's state_dict ----------------------------------------
+    def tensor_names(self) -> list[str]:
+        """The parameters and buffers (running statistics, fixed tables), in the model's order:
+        the weights that are not optimizer state (momentum, Adam moments) or step counters."""
+        names = [v.name for kind, v in self.predict_program.graph.args if kind is not ArgKind.input]
+        if self.train_program is not None:
+            names += [v.name for kind, v in self.train_program.graph.args
+                      if kind is ArgKind.param and v.name not in names]
+        return names
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Numpy copies of the parameters and buffers by dotted path (``fc1.weight``,
+        ``norm.running_mean``), as PyTorch's ``state_dict()`` holds them: no optimizer state.
+        :func:`gradfuse.to_pytorch` turns it into PyTorch's names and layouts."""
+        return {name: self.weights[name].copy() for name in self.tensor_names()}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray], strict: bool = True) -> LoadResult:
+        """Write ``state`` into the compiled weights, in place (the arrays ``weights`` holds keep
+        their identity); a model loaded from an artifact takes it too. Float arrays of any precision
+        are converted to the compiled dtype (as PyTorch copies into the existing tensors).
+        Optimizer state (momentum, Adam moments and step) is left as it is. Nothing is written
+        unless every entry fits; the StateDictError names every missing, unexpected and
+        mis-shaped entry (``strict=False`` tolerates missing and unexpected ones)."""
+        expected = {n: TensorType(DType.of(self.weights[n].dtype), self.weights[n].shape)
+                    for n in self.tensor_names()}
+        arrays, result = check_state(state, expected, strict=strict, what=f"compiled model {self.name}")
+        for name, a in arrays.items():
+            self.weights[name][...] = a  # numpy casts into the weight's dtype
+        return result
+
 
 def compile(model: Model, optimizer: SGD | Adam | None = None, cache_dir: str = DEFAULT_CACHE,
-            pipeline: str = PIPELINE) -> CompiledModel:
-    """Trace, differentiate, optimise and generate the kernels of ``model`` for the CPU."""
-    forward = cached_pipeline(model.trace(), pipeline, cache_dir)
+            pipeline: str = PIPELINE, dtype: str | DType | None = None) -> CompiledModel:
+    """Trace, differentiate, optimise and generate the kernels of ``model`` for the CPU.
+
+    ``dtype`` (``"f32"``, ``"f64"`` or a DType; default: the model's own, f32) is the precision
+    every float computes in: with ``"f64"`` the inputs, targets, learning rate, weights and every
+    float op are float64 (the forward, training-step and loss graphs converted by
+    ``passes/precision.py``'s ``with_float``) and ``inputs``/``targets`` say f64. float32
+    arrays passed to an f64 model are widened (exactly); float64 arrays passed to an f32 model are
+    refused (that would round)."""
+    dt = None if dtype is None else float_dtype(dtype)
+
+    def precise(g: Graph) -> Graph:
+        return g if dt is None else with_float(g, dt)
+
+    def signature(spec: Mapping[str, TensorType]) -> dict[str, TensorType]:
+        return {k: t.with_dtype(dt) if dt is not None and t.dtype.is_float else t for k, t in spec.items()}
+
+    traced = model.trace()
+    forward = cached_pipeline(precise(traced), pipeline, cache_dir)
     predict = Program.compile(forward, cache_dir)
-    weights = {k: np.ascontiguousarray(v) for k, v in model.initial_values().items()}
+    weights = {k: np.ascontiguousarray(v) for k, v in model.initial_values(dt).items()}
     train = None
     optimizer = optimizer or SGD()
     if model.loss is not None:
         step = training_step(model, optimizer)
-        train = Program.compile(cached_pipeline(step.graph, pipeline, cache_dir), cache_dir)
-        weights.update(step.new_state)
-        _add_missing_state(step.graph, weights)
+        step_graph = precise(step.graph)
+        train = Program.compile(cached_pipeline(step_graph, pipeline, cache_dir), cache_dir)
+        weights.update({k: v.astype(dt.np) if dt is not None and v.dtype.kind == "f" else v
+                        for k, v in step.new_state.items()})
+        _add_missing_state(step_graph, weights)
     _add_missing_state(forward, weights)
-    return CompiledModel(model.name, dict(model.inputs), dict(model.targets), predict, train, weights,
-                         optimizer.describe() if train else "none")
+    loss = precise(trace_loss(model, traced.outputs[0].type)) if model.loss is not None else None
+    return CompiledModel(model.name, signature(model.inputs), signature(model.targets), predict, train, weights,
+                         optimizer.describe() if train else "none", loss_graph=loss)
 
 
 def cached_pipeline(graph: Graph, pipeline: str, cache_dir: str) -> Graph:

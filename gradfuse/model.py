@@ -11,8 +11,9 @@ import numpy as np
 
 from gradfuse.errors import GradfuseError, ShapeError
 from gradfuse.ir.graph import ArgKind, Graph
-from gradfuse.ir.types import TensorType, as_type
+from gradfuse.ir.types import DType, TensorType, as_type
 from gradfuse.nn import Module
+from gradfuse.state_dict import LoadResult, check_state
 from gradfuse.tensor import Tensor
 from gradfuse.tracing import Tracer, tracing, user_frame
 
@@ -20,6 +21,17 @@ from gradfuse.tracing import Tracer, tracing, user_frame
 def snake_case(name: str) -> str:
     """``DigitsMLP`` -> ``digits_mlp``, for graph names."""
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+def float_dtype(dtype) -> DType:
+    """``"f32"``/``"f64"``/a DType/a numpy float dtype as a float DType, or a GradfuseError."""
+    try:
+        d = DType.of(dtype)
+    except TypeError:
+        d = None
+    if d is None or not d.is_float:
+        raise GradfuseError(f"dtype={dtype!r}: gradfuse computes in 'f32' or 'f64'")
+    return d
 
 
 def _signature(spec: Mapping[str, str | TensorType], what: str) -> dict[str, TensorType]:
@@ -38,7 +50,9 @@ class Model:
     ``Model(MLP(), inputs={"x": "f32[N,64]"}, targets={"y": "i64[N]"}, loss=F.cross_entropy)``.
 
     ``loss(output, *targets)`` returns a scalar; ``data()`` (optional) returns a dict of numpy
-    arrays ``x_train, y_train, x_test, y_test`` for the training commands.
+    arrays ``x_train, y_train, x_test, y_test`` for the training commands (gradfuse/data.py);
+    ``metrics`` (optional) adds measurements to the ones the targets call for
+    (gradfuse/metrics.py): ``{"name": fn(prediction, *targets) -> float}`` on numpy arrays.
     """
 
     net: Module
@@ -48,6 +62,7 @@ class Model:
     data: Callable[[], dict[str, np.ndarray]] | None = None
     seed: int = 0
     name: str | None = None
+    metrics: Mapping[str, Callable[..., float]] | None = None
 
     def __post_init__(self):
         if not isinstance(self.net, Module):
@@ -57,8 +72,41 @@ class Model:
         self.name = self.name or snake_case(type(self.net).__name__)
         self.defined_at = user_frame()  # where the loss is attributed in the IR
 
-    def initial_values(self) -> dict[str, np.ndarray]:
-        return self.net.initial_values(self.seed)
+    _loaded: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def initial_values(self, dtype: str | DType | None = None) -> dict[str, np.ndarray]:
+        """The values compiling starts from: the layers' initialisers (from ``seed``), replaced
+        by what :meth:`load_state_dict` loaded. Each array has its tensor's dtype, or with
+        ``dtype`` (``"f64"``: what ``gradfuse.compile(..., dtype=...)`` asks) every float one
+        has that dtype, converted from the values as loaded (float64 loaded stays exact in f64)."""
+        want = None if dtype is None else float_dtype(dtype)
+        values = self.net.initial_values(self.seed)
+        out = {}
+        for name, p in self.net.named_tensors():
+            value = self._loaded.get(name, values[name])
+            target = want if want is not None and p.dtype.is_float else p.dtype
+            out[name] = value.astype(target.np)  # a copy: training never writes into the model
+        return out
+
+    def tensor_types(self) -> dict[str, TensorType]:
+        """Every parameter and buffer's type, by dotted path: what a state_dict must hold."""
+        return {name: TensorType(p.dtype, p.shape) for name, p in self.net.named_tensors()}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray], strict: bool = True) -> LoadResult:
+        """Start from these weights: ``state`` maps each parameter and buffer's dotted path
+        (``fc1.weight``, ``norm.running_mean``; see ``net.named_tensors()``) to an array of its
+        shape, e.g. ``CompiledModel.state_dict()``. Float arrays of any precision are accepted for
+        float tensors and kept as given: ``initial_values()`` converts them to the tensor's dtype
+        (f32: like PyTorch's load_state_dict, which copies into the existing dtype), an f64 compile
+        to float64. ``strict=False`` keeps the current value of a missing entry and ignores
+        unexpected ones; a mis-shaped or mis-typed entry is an error either way.
+
+        Raises :class:`gradfuse.state_dict.StateDictError` naming every missing, unexpected and
+        mis-shaped entry. A PyTorch state_dict needs :func:`gradfuse.from_pytorch` first (Linear
+        weights are [out, in] there): a square weight would otherwise load in the wrong layout."""
+        arrays, result = check_state(state, self.tensor_types(), strict=strict, what=f"model {self.name}")
+        self._loaded.update(arrays)
+        return result
 
     def trace(self, *, train: bool = False, with_loss: bool = False) -> Graph:
         """The forward graph: outputs ``(prediction,)``, or ``(loss, prediction)`` with the loss.
@@ -70,6 +118,20 @@ class Model:
         return trace(self.net, self.inputs, name=self.name, train=train, seed=self.seed,
                      targets=self.targets if with_loss else None, loss=self.loss if with_loss else None,
                      loss_loc=self.defined_at)
+
+
+class _Prediction(Module):
+    def forward(self, prediction):
+        return prediction
+
+
+def trace_loss(model: Model, prediction: TensorType) -> Graph:
+    """The model's loss alone, ``(prediction, *targets) -> (loss, prediction)``: what evaluation
+    runs on predictions (and an artifact carries, so it needs no Python code for it)."""
+    if model.loss is None:
+        raise GradfuseError(f"model {model.name} has no loss: pass loss=... to gradfuse.Model")
+    return trace(_Prediction(), {"prediction": prediction}, name=f"{model.name}_loss", targets=model.targets,
+                 loss=model.loss, loss_loc=model.defined_at)
 
 
 def trace(net: Module, inputs: Mapping[str, str | TensorType], *, name: str = "model", train: bool = False,

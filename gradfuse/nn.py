@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from gradfuse.ir.graph import ArgKind
 from gradfuse.ir.types import DType
 from gradfuse.tensor import Tensor
 from gradfuse.tracing import current, is_tracing
+
+if TYPE_CHECKING:
+    from gradfuse.state_dict import StateView
 
 Init = Callable[[tuple[int, ...], np.random.Generator], np.ndarray]
 
@@ -106,6 +110,37 @@ class Module:
     def extra_repr(self) -> str:
         return ""
 
+    # ---- PyTorch's state_dict (see gradfuse/pytorch.py); each layer maps its own tensors ----
+    def state_from_pytorch(self, src: StateView) -> dict[str, np.ndarray]:
+        """This module's tensors, by path relative to it, from ``src``: the entries of its PyTorch
+        counterpart's ``state_dict()`` under its prefix. The default is what matches PyTorch's
+        naming: every Parameter and Buffer under its attribute name and in the same layout,
+        every child module under its attribute name (a Sequential's ``0``, ``1``, ... as in
+        PyTorch). Layers whose PyTorch counterpart differs (Linear, BatchNorm,
+        MultiHeadSelfAttention, ...) override this."""
+        out: dict[str, np.ndarray] = {}
+        for name, child in self.children().items():
+            if isinstance(child, Parameter):
+                value = src.take(name, child.shape)
+                if value is not None:
+                    out[name] = value
+            else:
+                out.update((f"{name}.{k}", v) for k, v in child.state_from_pytorch(src.sub(name)).items())
+        return out
+
+    def state_to_pytorch(self, src: StateView) -> dict[str, np.ndarray]:
+        """The inverse of :meth:`state_from_pytorch`: ``src`` holds gradfuse's entries under
+        this module's prefix; returns the PyTorch counterpart's, by path relative to it."""
+        out: dict[str, np.ndarray] = {}
+        for name, child in self.children().items():
+            if isinstance(child, Parameter):
+                value = src.take(name, child.shape)
+                if value is not None:
+                    out[name] = value
+            else:
+                out.update((f"{name}.{k}", v) for k, v in child.state_to_pytorch(src.sub(name)).items())
+        return out
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
 
@@ -157,6 +192,26 @@ class Linear(Module):
                 f"the previous layer gives {x.shape[-1] if x.ndim else 'a scalar'} features"
             raise current().error(f"{self!r} got {x.type}, expected last dimension {self.in_features}", hint)
         return F.linear(x, self.weight, self.bias if self.use_bias else None)
+
+    def state_from_pytorch(self, src: StateView) -> dict[str, np.ndarray]:
+        """``torch.nn.Linear(in, out)`` computes ``x Wᵀ + b`` with weight [out, in]: transposed
+        here to gradfuse's [in, out]; the bias is the same."""
+        out = {}
+        w = src.take("weight", (self.out_features, self.in_features))
+        if w is not None:
+            out["weight"] = np.ascontiguousarray(w.T)
+        if self.use_bias and (b := src.take("bias", (self.out_features,))) is not None:
+            out["bias"] = b
+        return out
+
+    def state_to_pytorch(self, src: StateView) -> dict[str, np.ndarray]:
+        out = {}
+        w = src.take("weight", (self.in_features, self.out_features))
+        if w is not None:
+            out["weight"] = np.ascontiguousarray(w.T)
+        if self.use_bias and (b := src.take("bias", (self.out_features,))) is not None:
+            out["bias"] = b
+        return out
 
 
 class _Activation(Module):
@@ -251,6 +306,9 @@ class Residual(Module):
 
 
 class LayerNorm(Module):
+    """Normalise over the last axis, then scale (``weight``) and shift (``bias``): PyTorch's
+    ``LayerNorm(features)``, whose state_dict has the same names and layout."""
+
     def __init__(self, features: int, eps: float = 1e-5):
         self.features, self.eps = features, eps
         self.weight = Parameter((features,), constant(1.0))
@@ -266,7 +324,11 @@ class LayerNorm(Module):
 
 class BatchNorm(Module):
     """Normalise each feature (last axis) over the batch in training, with running statistics
-    at inference; the running statistics are state updated by the training graph."""
+    at inference; the running statistics are state updated by the training graph.
+
+    PyTorch's ``BatchNorm1d(features)`` on [N, features] inputs computes the same (momentum
+    0.1 with the same convention, eps 1e-5, biased variance to normalise, unbiased in the running
+    variance); on [N, C, L] inputs it normalises axis 1, where this layer takes [..., features]."""
 
     def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5):
         self.features, self.momentum, self.eps = features, momentum, eps
@@ -289,6 +351,13 @@ class BatchNorm(Module):
         t.updates += [(self.running_mean.value, mean), (self.running_var.value, var)]
         return Tensor(y)
 
+    def state_from_pytorch(self, src: StateView) -> dict[str, np.ndarray]:
+        """``weight``, ``bias``, ``running_mean``, ``running_var`` as in ``torch.nn.BatchNorm1d``;
+        its ``num_batches_tracked`` counter is ignored (it only matters for PyTorch's
+        ``momentum=None`` cumulative average, which this layer does not have)."""
+        src.ignore("num_batches_tracked")
+        return super().state_from_pytorch(src)
+
 
 class Dropout(Module):
     def __init__(self, p: float = 0.5):
@@ -304,6 +373,10 @@ class Dropout(Module):
 
 
 class Embedding(Module):
+    """Rows of ``weight`` [num_embeddings, dim] picked by integer ids: PyTorch's
+    ``Embedding(num_embeddings, dim)``, same name and layout (``padding_idx`` and ``max_norm``
+    have no counterpart here)."""
+
     def __init__(self, num_embeddings: int, dim: int):
         self.num_embeddings, self.dim = num_embeddings, dim
         self.weight = Parameter((num_embeddings, dim), normal(1.0))
@@ -347,6 +420,17 @@ class SinusoidalPositionalEncoding(_PositionalEncoding):
         super().__init__(max_len, dim)
         self.table = Buffer((max_len, dim), sinusoidal_table(max_len, dim))
 
+    def state_from_pytorch(self, src: StateView) -> dict[str, np.ndarray]:
+        """The table is a fixed function of its shape (PyTorch models usually register it as a
+        non-persistent buffer, absent from their state_dict): taken from ``table`` where the
+        state_dict has it, else computed."""
+        table = src.take("table", (self.max_len, self.dim), optional=True)
+        return {"table": table if table is not None else np.asarray(self.table.init)}
+
+    def state_to_pytorch(self, src: StateView) -> dict[str, np.ndarray]:
+        src.take("table", (self.max_len, self.dim), optional=True)
+        return {}
+
 
 class LearnedPositionalEncoding(_PositionalEncoding):
     """Adds a trained position embedding table to x[N,T,D]."""
@@ -357,7 +441,11 @@ class LearnedPositionalEncoding(_PositionalEncoding):
 
 
 class MultiHeadSelfAttention(Module):
-    """softmax(Q Kᵀ / sqrt(d)) V over ``heads`` heads, for x of shape [N, T, dim]."""
+    """softmax(Q Kᵀ / sqrt(d)) V over ``heads`` heads, for x of shape [N, T, dim].
+
+    The same function as ``torch.nn.MultiheadAttention(dim, heads, batch_first=True)`` called as
+    ``attn(x, x, x, need_weights=False)[0]`` (no mask, dropout 0): per-head scale 1/sqrt(dim/heads),
+    head h the features h·d:(h+1)·d of the projections, heads concatenated before ``out``."""
 
     def __init__(self, dim: int, heads: int):
         if dim % heads:
@@ -385,3 +473,36 @@ class MultiHeadSelfAttention(Module):
         scores = F.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(head_dim))
         mixed = F.matmul(F.softmax(scores, axis=-1), v)
         return self.out(mixed.transpose(0, 2, 1, 3).reshape(n, t, self.dim))
+
+    def state_from_pytorch(self, src: StateView) -> dict[str, np.ndarray]:
+        """From ``torch.nn.MultiheadAttention``: ``in_proj_weight`` [3·dim, dim] stacks the q, k
+        and v projections' weights (PyTorch's [out, in] layout), ``in_proj_bias`` [3·dim] their
+        biases (or ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` where PyTorch keeps them
+        apart); ``out_proj`` is the ``out`` Linear."""
+        d, out = self.dim, {}
+        if src.has("q_proj_weight") and not src.has("in_proj_weight"):
+            weights = [src.take(f"{n}_proj_weight", (d, d)) for n in "qkv"]
+        else:
+            w = src.take("in_proj_weight", (3 * d, d))
+            weights = np.split(w, 3) if w is not None else [None] * 3
+        b = src.take("in_proj_bias", (3 * d,))
+        biases = np.split(b, 3) if b is not None else [None] * 3
+        for name, w, b in zip("qkv", weights, biases, strict=True):
+            if w is not None:
+                out[f"{name}.weight"] = np.ascontiguousarray(w.T)
+            if b is not None:
+                out[f"{name}.bias"] = np.ascontiguousarray(b)
+        out.update((f"out.{k}", v) for k, v in self.out.state_from_pytorch(src.sub("out_proj")).items())
+        return out
+
+    def state_to_pytorch(self, src: StateView) -> dict[str, np.ndarray]:
+        d = self.dim
+        ws = [src.take(f"{n}.weight", (d, d)) for n in "qkv"]
+        bs = [src.take(f"{n}.bias", (d,)) for n in "qkv"]
+        out = {}
+        if all(w is not None for w in ws):
+            out["in_proj_weight"] = np.concatenate([w.T for w in ws])
+        if all(b is not None for b in bs):
+            out["in_proj_bias"] = np.concatenate(bs)
+        out.update((f"out_proj.{k}", v) for k, v in self.out.state_to_pytorch(src.sub("out")).items())
+        return out
