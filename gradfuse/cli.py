@@ -69,9 +69,9 @@ DEFAULT_PIPELINE = "simplify,fuse,memory-plan"
 def _optimizer(args):
     from gradfuse.passes.optimizer import SGD, Adam
 
-    if args.optimizer == "adam":
+    if getattr(args, "optimizer", "sgd") == "adam":
         return Adam(weight_decay=args.weight_decay)
-    return SGD(momentum=args.momentum, weight_decay=args.weight_decay)
+    return SGD(momentum=getattr(args, "momentum", 0.9), weight_decay=getattr(args, "weight_decay", 0.0))
 
 
 def saved_values_listing(saved, batch: int) -> str:
@@ -122,32 +122,56 @@ def cmd_show(args) -> int:
 
 
 def cmd_gradcheck(args) -> int:
-    from gradfuse.gradcheck import gradcheck, gradient_health
+    from gradfuse import gradcheck as gc
     from gradfuse.loader import load_model
 
+    if not args.eps > 0 or not args.tol >= 0 or args.directions < 1:
+        raise GradfuseError("gradcheck needs --eps > 0, --tol >= 0 and --directions >= 1")
     model = load_model(args.model)
-    report = gradcheck(model, batch=args.batch, directions=args.directions)
+    report = gc.gradcheck(model, batch=args.batch, directions=args.directions, h=args.eps, tol=args.tol)
     width = max(len(r.name) for r in report)
-    print(f"gradient check of {model.name} in float64: backward graph vs finite differences "
+    print(f"gradient check of {model.name} in float64: backward graph vs finite differences (step {args.eps:g}) "
           f"along {args.directions} random directions, batch {args.batch}")
-    print(f"  {'parameter':<{width}}  {'shape':<12} {'worst rel. error':>16} {'‖grad‖':>10} {'‖grad‖/‖p‖':>11}")
-    worst = 0.0
+    print(f"  {'parameter':<{width}}  {'shape':<12} {'rel. error':>10} {'FD noise':>9} {'‖grad‖':>10} "
+          f"{'‖grad‖/‖p‖':>11}  verdict")
     for r in report:
         ratio = f"{r.grad_norm / r.param_norm:11.2e}" if r.param_norm else f"{'-':>11}"
-        error = "zero grad" if r.zero else f"{r.worst_rel_error:.2e}"
-        print(f"  {r.name:<{width}}  {str(list(r.shape)):<12} {error:>16} {r.grad_norm:10.3e} {ratio}")
-        worst = max(worst, r.worst_rel_error)
-    ok = worst < args.tolerance
-    print(f"worst relative error {worst:.2e}: {'OK' if ok else 'FAILED'} (tolerance {args.tolerance:g})")
+        error, noise = ("-", "-") if r.zero else (f"{r.worst_rel_error:.2e}", f"{r.fd_noise:.1e}")
+        aside = f" ({r.unresolved} of {args.directions} directions inconclusive)" if r.unresolved else ""
+        print(f"  {r.name:<{width}}  {str(list(r.shape)):<12} {error:>10} {noise:>9} {r.grad_norm:10.3e} {ratio}"
+              f"  {r.verdict}{aside}")
+    print("rel. error: |FD - backward| / max(|FD|, |backward|), worst direction; FD noise: the finite "
+          "differences' own error, measured from steps h and 2h (floor ε|L|/h), relative")
+    verdicts = [r.verdict for r in report]
+    if gc.OK_NOISE in verdicts:
+        print(f"ok within FD noise: off by more than --tol {args.tol:g} but by less than {gc.SAFETY:g}x the FD "
+              f"noise, and {gc.SAFETY:g}x the FD noise is below {gc.MAX_NOISE:g} of the derivative: right to "
+              "that resolution")
+    if gc.INCONCLUSIVE in verdicts:
+        print(f"inconclusive: the finite differences are too noisy ({gc.SAFETY:g}x the FD noise is over "
+              f"{gc.MAX_NOISE:g} of the derivative) to confirm or refute the gradient; this is not a pass: "
+              "try another --eps or more --directions")
     zero = [r.name for r in report if r.zero]
     if zero:
         print(f"note: the loss does not depend on {', '.join(zero)} (its gradient is zero; e.g. a bias "
               "right before a normalisation)")
     print()
     print(f"gradient health: ‖∂L/∂(layer output)‖ over a batch of {args.health_batch}, forward order")
-    for h in gradient_health(model, batch=args.health_batch):
+    for h in gc.gradient_health(model, batch=args.health_batch):
         print(f"  {h.layer:<{width}}  {str(list(h.shape)):<14} {h.grad_norm:10.3e}  {h.flag}")
-    return 0 if ok else 1
+    print()
+    failed = [r.name for r in report if r.verdict == gc.FAILED]
+    unsure = [r.name for r in report if r.verdict == gc.INCONCLUSIVE]
+    worst = max((r.worst_rel_error for r in report if r.passed), default=0.0)
+    if failed:
+        print(f"FAILED: the backward disagrees with finite differences beyond --tol {args.tol:g} and the FD noise "
+              f"for {', '.join(failed)}" + (f" (inconclusive: {', '.join(unsure)})" if unsure else ""))
+    elif unsure:
+        print(f"INCONCLUSIVE: finite differences too noisy to check {', '.join(unsure)}; nothing failed")
+    else:
+        print(f"OK: every parameter's gradient matches finite differences (worst relative error {worst:.2e}, "
+              f"--tol {args.tol:g}; {verdicts.count(gc.OK_NOISE)} within FD noise)")
+    return 0 if not failed and not unsure else 1
 
 
 def cmd_check(args) -> int:
@@ -169,15 +193,42 @@ def _compile_model(args):
     from gradfuse.loader import load_model
 
     model = load_model(args.model)
-    return model, gf.compile(model, _optimizer(args))
+    return model, gf.compile(model, _optimizer(args), dtype=getattr(args, "dtype", None))
 
 
 def _stage_texts(model, args) -> dict[str, str]:
+    """The printed IR of every stage before the passes, for an artifact's ir/ folder."""
     from gradfuse.passes.training import backward, training_step
 
     return {"forward": str(model.trace()), **({"backward": str(backward(model).graph),
                                                "train": str(training_step(model, _optimizer(args)).graph)}
                                               if model.loss is not None else {})}
+
+
+def _check_outputs(*destinations: tuple[str | None, str, bool]) -> None:
+    """Every (path, what, is a directory) the command will write, checked before any work."""
+    from gradfuse.files import check_writable
+    from gradfuse.runtime.artifact import check_destination
+
+    for path, what, directory in destinations:
+        if path:
+            check_writable(path, what, directory=directory)
+            if what == "artifact":
+                check_destination(path)
+
+
+def _load_weights(compiled, path: str) -> str:
+    """Weights from a checkpoint of ``gradfuse train`` or a .npz of named arrays (a state dict);
+    returns what was loaded, in words."""
+    from gradfuse.data import load_npz
+    from gradfuse.training import load_checkpoint
+
+    arrays = load_npz(path, what="weights")
+    if "__meta__" not in arrays:
+        compiled.load_state_dict(arrays)
+        return f"the weights in {path}"
+    history, epoch, batch, _ = load_checkpoint(path, compiled)
+    return f"the weights of checkpoint {path} (after {len(history.step_losses)} steps, epoch {epoch - (batch == 0)})"
 
 
 def cmd_compile(args) -> int:
@@ -187,25 +238,69 @@ def cmd_compile(args) -> int:
 
     if args.target != "cpu":
         raise GradfuseError(f"target {args.target!r} is not available yet (targets: cpu)")
+    _check_outputs((args.output, "artifact", True))
     start = time.perf_counter()
     model, compiled = _compile_model(args)
+    weights = _load_weights(compiled, args.weights) if args.weights else \
+        "the model's initial values, untrained (train it with `gradfuse train MODEL -o DIR`, or pass --weights)"
     report = artifact.save(compiled, args.output, _stage_texts(model, args))
     print(f"wrote {report.path}: {report.files} files, {report.bytes:,} bytes, in "
           f"{time.perf_counter() - start:.1f} s")
-    print(f"  run it:        gradfuse run {args.output} --input x.npy --output y.npy")
-    print(f"  read its IR:   ls {args.output}/ir   (forward, backward, train, *.fused)")
+    print(f"  weights:       {weights}")
+    print(f"  run it:        gradfuse run {args.output} --input x.npy --output y.npy   (x.npy: a batch of "
+          f"{', '.join(f'{k} {t}' for k, t in compiled.inputs.items())})")
+    print(f"  read its IR:   ls {args.output}/ir   ({', '.join(sorted(_stage_texts_names(compiled)))})")
     return 0
 
 
+def _stage_texts_names(compiled) -> list[str]:
+    names = ["forward"] + (["backward", "train", "loss"] if compiled.train_program else [])
+    return names + [f"{p}.fused" for p in compiled.programs()]
+
+
 def _load_any(spec: str, args):
-    """A compiled model from an artifact directory or a model file."""
+    """(the Model or None, a compiled model) from an artifact directory or a model file."""
     import os
 
     from gradfuse.runtime import artifact
 
     if os.path.isdir(spec):
-        return artifact.load(spec, recompile=getattr(args, "recompile", False))
-    return _compile_model(argparse.Namespace(**{**vars(args), "model": spec}))[1]
+        return None, artifact.load(spec, recompile=getattr(args, "recompile", False))
+    return _compile_model(argparse.Namespace(**{**vars(args), "model": spec}))
+
+
+def _read_input(spec: str, compiled):
+    """The batch to run: a .npy file, or one array of a .npz (``data.npz:x_test``, or the array
+    named after the model's input), converted to the model's dtype where that loses nothing
+    but precision."""
+    import os
+
+    import numpy as np
+
+    from gradfuse.data import DataError, convert, read_numpy
+    from gradfuse.files import FileError
+
+    path, name = spec, None
+    if not os.path.exists(spec) and ":" in spec:
+        path, name = spec.rsplit(":", 1)
+    (input_name, want), *more = compiled.inputs.items()
+    if more:
+        raise GradfuseError(f"gradfuse run feeds one input, but {compiled.name} has "
+                            f"{', '.join(compiled.inputs)}: call it from Python (compiled.predict)")
+    x = read_numpy(path, "input")
+    if isinstance(x, dict):
+        name = name or next((k for k in (input_name, "x_test", "x") if k in x), None)
+        if name not in x:
+            raise FileError("input", path, f"a .npz of {', '.join(x) or 'nothing'}: say which array to run, e.g. "
+                                           f"--input {path}:{next(iter(x), 'x')}")
+        x = x[name]
+    if isinstance(x, np.ndarray) and x.ndim == len(want.shape) - 1 and x.ndim and x.dtype.kind in "fiub":
+        x = x[None]  # one example without its batch axis
+    try:
+        x = convert(f"input {spec}", np.asarray(x), want, [])
+    except DataError as e:
+        raise GradfuseError(str(e)) from None
+    return x
 
 
 def cmd_run(args) -> int:
@@ -213,17 +308,23 @@ def cmd_run(args) -> int:
 
     import numpy as np
 
+    from gradfuse.files import atomic_file
+
+    _check_outputs((args.output, "output", False))
     start = time.perf_counter()
-    compiled = _load_any(args.artifact, args)
+    _, compiled = _load_any(args.artifact, args)
     loaded = time.perf_counter()
-    try:
-        x = np.load(args.input, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise GradfuseError(f"{args.input}: cannot read it as a .npy array: {e}") from None
+    x = _read_input(args.input, compiled)
+    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+        rows = np.nonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0]
+        print(f"warning: {args.input} holds NaN/Inf in {len(rows)} of {len(x)} examples (first: row {rows[0]}); "
+              "their outputs will not be finite", file=sys.stderr)
+    compiled.check = args.check
     y = compiled.predict(x)
     done = time.perf_counter()
     if args.output:
-        np.save(args.output, y)
+        with atomic_file(args.output, "output") as f:
+            np.save(f, y)
     print(f"{compiled.name}: {x.dtype}{list(x.shape)} -> {y.dtype}{list(y.shape)}"
           + (f", written to {args.output}" if args.output else ""))
     print(f"  load {loaded - start:.3f} s, first batch {done - loaded:.3f} s")
@@ -232,35 +333,76 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _model_data(model, spec: str):
+    if model is None:
+        raise GradfuseError("an artifact carries no data: pass --data file.npz")
+    if model.data is None:
+        raise GradfuseError(f"{spec} defines no data: pass --data file.npz (x_train, y_train, and optionally "
+                            "x_test, y_test)")
+    try:
+        return model.data()
+    except GradfuseError:
+        raise
+    except Exception as e:  # the user's data() failed
+        raise GradfuseError(f"{spec}: the model's data() failed: {type(e).__name__}: {e}") from None
+
+
 def cmd_train(args) -> int:
     import os
 
-    from gradfuse.training import TrainConfig, fit, load_data
+    from gradfuse.data import check_data, load_npz
+    from gradfuse.training import TrainConfig, fit, metrics_of, plot_history, read_checkpoint
 
-    compiled = _load_any(args.model, args)
-    if args.data:
-        data = load_data(args.data)
-    else:
-        from gradfuse.loader import load_model
-
-        if os.path.isdir(args.model):
-            raise GradfuseError("an artifact carries no data: pass --data file.npz")
-        model = load_model(args.model)
-        if model.data is None:
-            raise GradfuseError(f"{args.model} defines no data: pass --data file.npz (x_train, y_train, ...)")
-        data = model.data()
+    _check_outputs((args.output, "artifact", True), (args.checkpoint, "checkpoint", False),
+                   (args.plot, "plot", False))
+    if args.resume and not (args.checkpoint and os.path.exists(args.checkpoint)):
+        raise GradfuseError(f"nothing to resume: no checkpoint at {args.checkpoint}" if args.checkpoint else
+                            "--resume needs --checkpoint FILE (the checkpoint to go on from)")
+    if args.resume:
+        read_checkpoint(args.checkpoint)  # a damaged one is refused before anything is compiled
+    model, compiled = _load_any(args.model, args)
+    source = args.data or f"{args.model}'s data()"
+    data = check_data(load_npz(args.data) if args.data else _model_data(model, args.model), compiled.inputs,
+                      compiled.targets, compiled.prediction, source=source)
+    for note in data.notes:
+        print(f"note: {note}")
+    metrics = metrics_of(compiled, model.metrics if model is not None else None)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          checkpoint=args.checkpoint, plot=args.plot)
+    print(f"training {compiled.name} on {len(data):,} examples"
+          + (f" ({len(data.test[0]):,} for testing)" if data.test else " (no test split)")
+          + f": loss {metrics.loss_name}" + (f", {metrics.task} metrics" if metrics.task else ""))
+    compiled.check = args.check
     try:
-        fit(compiled, data, config, resume=args.resume)
+        history = fit(compiled, data, config, resume=args.resume, metrics=metrics)
     except KeyboardInterrupt:
         return 130
     if args.output:
-        from gradfuse.runtime import artifact
-
-        artifact.save(compiled, args.output)
-        print(f"wrote the trained model to {args.output}")
+        _save_trained(compiled, args, model, history, config)
+    if args.plot and history.epoch:
+        plot_history(history, args.plot, compiled.name, metrics)
+        print(f"wrote the curves to {args.plot}")
     return 0
+
+
+def _save_trained(compiled, args, model, history, config) -> None:
+    """The artifact; if it cannot be written, the weights in a checkpoint elsewhere (said in the error)."""
+    from gradfuse.files import FileError, rescue_path
+    from gradfuse.runtime import artifact
+    from gradfuse.training import save_checkpoint
+
+    try:
+        artifact.save(compiled, args.output, _stage_texts(model, args) if model is not None else None)
+    except FileError as e:
+        rescued = rescue_path(compiled.name)
+        try:
+            save_checkpoint(rescued, compiled, history, config.epochs + 1, 0, config)
+        except FileError as again:
+            raise FileError(e.what, e.path, f"{e.why}; saving the weights to {rescued} failed too "
+                                            f"({again.why}): the trained weights are lost") from None
+        raise FileError(e.what, e.path, f"{e.why}; the trained weights are safe in {rescued} (make the artifact "
+                                        f"later: gradfuse compile MODEL.py --weights {rescued} -o DIR)") from None
+    print(f"wrote the trained model to {args.output}")
 
 
 def cmd_bench(args) -> int:
@@ -270,20 +412,39 @@ def cmd_bench(args) -> int:
 
 
 def _optimizer_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="the update of the training step")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (as PyTorch's SGD and Adam)")
+    p.add_argument("--dtype", choices=["f32", "f64"], default=None,
+                   help="compute every float in this precision (f64 to check numerics; default: the model's, f32)")
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Help texts end with the option's default, where it has one worth saying."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default is not None and action.default is not False \
+                and action.default != argparse.SUPPRESS and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpWithDefaults)
+        super().__init__(**kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradfuse", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     show = sub.add_parser("show", help="print a model's IR at a stage of the pipeline")
     show.add_argument("model", help="a Python file defining `model` (or FILE.py:OBJECT)")
     show.add_argument("--stage", choices=list(STAGES), default="forward",
                       help="; ".join(f"{k}: {v[0]}" for k, v in STAGES.items()))
-    show.add_argument("--format", choices=["text", "dot", "svg"], default="text")
+    show.add_argument("--format", choices=["text", "dot", "svg"], default="text", help="how to print the graph")
     show.add_argument("--batch", type=int, default=256, help="batch size N for the memory figures")
     show.add_argument("--pipeline", default=None,
                       help=f"passes for --stage fused, e.g. '{DEFAULT_PIPELINE}' (the default)")
@@ -295,25 +456,44 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(run=cmd_show)
 
     gc = sub.add_parser("gradcheck", help="check the backward graph against finite differences (float64); "
-                                          "report per-layer gradient norms")
+                                          "report per-layer gradient norms",
+                        description="Compare each parameter's gradient from the backward graph (float64) with a "
+                                    "4-point central finite difference along random unit directions, measure the "
+                                    "finite differences' own error from a second step (2h), and pass a parameter "
+                                    "that agrees within --tol or within that error. Exit 0 when every parameter "
+                                    "passes, 1 when one fails or is inconclusive.")
     gc.add_argument("model", help="a Python file defining `model` (or FILE.py:OBJECT)")
-    gc.add_argument("--batch", type=int, default=8)
-    gc.add_argument("--directions", type=int, default=3, help="random directions per parameter")
-    gc.add_argument("--tolerance", type=float, default=1e-6)
-    gc.add_argument("--health-batch", type=int, default=64)
+    gc.add_argument("--batch", type=int, default=8, help="batch size of the checked loss (default: %(default)s)")
+    gc.add_argument("--directions", type=int, default=3,
+                    help="random directions per parameter (default: %(default)s)")
+    gc.add_argument("--eps", type=float, default=1e-3,  # = gradcheck.DEFAULT_EPS (not imported: startup time)
+                    help="finite-difference step h along a unit direction (default: %(default)g ≈ ε^(1/5) for "
+                         "float64: the O(h⁴) stencil's truncation and its rounding noise ε|L|/h balance there; "
+                         "1e-5 lets rounding swamp the tiny derivatives of a deep net's early layers)")
+    gc.add_argument("--tol", "--tolerance", dest="tol", type=float, default=1e-6,  # = gradcheck.DEFAULT_TOL
+                    help="relative error that passes outright (default: %(default)g); larger errors pass only "
+                         "within the measured finite-difference noise")
+    gc.add_argument("--health-batch", type=int, default=64,
+                    help="batch size for the gradient-health table (default: %(default)s)")
     gc.set_defaults(run=cmd_gradcheck)
 
     comp = sub.add_parser("compile", help="compile a model ahead of time into an artifact directory")
     comp.add_argument("model", help="a Python file defining `model` (or FILE.py:OBJECT)")
-    comp.add_argument("--target", default="cpu", help="cpu (the default)")
+    comp.add_argument("--target", default="cpu", help="what to compile for (cpu)")
     comp.add_argument("-o", "--output", required=True, help="the artifact directory to write")
+    comp.add_argument("--weights", help="start from these weights: a checkpoint of `gradfuse train`, or a .npz of "
+                                        "named arrays (state dict); without it the artifact holds the initial, "
+                                        "untrained weights")
     _optimizer_flags(comp)
     comp.set_defaults(run=cmd_compile)
 
     run = sub.add_parser("run", help="run an artifact (or a model file) on an input array")
     run.add_argument("artifact", help="an artifact directory (or a model .py file)")
-    run.add_argument("--input", required=True, help="a .npy file with a batch of inputs")
+    run.add_argument("--input", required=True, help="a batch of inputs: a .npy file, or FILE.npz:ARRAY (e.g. the "
+                                                     "x_test of a --data file)")
     run.add_argument("--output", help="write the outputs to this .npy file")
+    run.add_argument("--check", action="store_true", help="run kernel by kernel and stop at the first op that makes "
+                                                          "a NaN/Inf, naming it and its source line")
     run.add_argument("--recompile", action="store_true", help="accept an artifact built for another CPU or "
                                                               "Numba version and compile its kernels here")
     run.set_defaults(run=cmd_run)
@@ -321,15 +501,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model file or an artifact")
     tr.add_argument("model", help="a Python file defining `model` (or FILE.py:OBJECT), or an artifact directory")
     tr.add_argument("--data", help=".npz with x_train, y_train (and x_test, y_test); default: the model's data()")
-    tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--batch-size", type=int, default=64)
-    tr.add_argument("--lr", type=float, default=0.05)
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--epochs", type=int, default=10, help="train until this epoch (also when resuming)")
+    tr.add_argument("--batch-size", type=int, default=64, help="examples per step")
+    tr.add_argument("--lr", type=float, default=0.05, help="learning rate")
+    tr.add_argument("--seed", type=int, default=0, help="the shuffle of every epoch follows from it")
     tr.add_argument("--checkpoint", help="checkpoint .npz, written every epoch and on Ctrl-C")
     tr.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    tr.add_argument("--plot", help="write loss/accuracy curves to this PNG")
+    tr.add_argument("--plot", help="write the loss and metric curves to this PNG")
     tr.add_argument("-o", "--output", help="write the trained model as an artifact here")
-    tr.add_argument("--recompile", action="store_true")
+    tr.add_argument("--check", action="store_true", help="run kernel by kernel and stop at the first op that makes "
+                                                         "a NaN/Inf, naming it (slower)")
+    tr.add_argument("--recompile", action="store_true", help="accept an artifact built for another CPU or Numba "
+                                                             "version and compile its kernels here")
     _optimizer_flags(tr)
     tr.set_defaults(run=cmd_train)
 

@@ -1,17 +1,22 @@
-"""Training loops people expect: shuffled epochs with a last partial batch, evaluation each
-epoch, a progress line with loss and throughput, atomic resumable checkpoints (Ctrl-C leaves
-one), a loss/accuracy plot, and runs reproducible from a seed.
+"""Training loops people expect: shuffled epochs with a last partial batch, the model's own loss
+and the metrics its targets call for (gradfuse/metrics.py) on the test split each epoch, a
+progress line with throughput, atomic resumable checkpoints (Ctrl-C leaves one), a plot, runs
+reproducible from a seed, and a stop at the first non-finite loss.
 
 Reproducibility: epoch ``e`` visits the examples in the order ``default_rng([seed, e])``
 draws, and every other source of randomness (initial weights, dropout masks) is a function of
 the seed and the step counter, so a run resumed from a checkpoint continues the same curve.
+
+Nothing is lost: a checkpoint is replaced atomically, so a failed write leaves the previous
+one; if it cannot be written at all, training stops and the weights go to the temporary
+folder instead (the error says where); a diverged run writes nothing over the last good files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
+import math
 import signal
 import sys
 import threading
@@ -21,9 +26,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from gradfuse.errors import GradfuseError, InputError
+from gradfuse.data import Dataset, read_numpy
+from gradfuse.errors import GradfuseError, InputError, NumericError
+from gradfuse.files import FileError, atomic_file, rescue_path
+from gradfuse.metrics import Metrics, for_model
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 @dataclass
@@ -33,29 +41,26 @@ class TrainConfig:
     lr: float = 0.05
     seed: int = 0
     checkpoint: str | None = None  # a .npz path, written after every epoch and on Ctrl-C
-    plot: str | None = None  # a .png path for the loss/accuracy curves
+    plot: str | None = None  # a .png path for the loss and metric curves
 
 
 @dataclass
 class History:
     epoch: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
-    test_loss: list[float] = field(default_factory=list)
-    test_accuracy: list[float] = field(default_factory=list)
+    test: dict[str, list[float]] = field(default_factory=dict)  # metric name -> one value per epoch
     step_losses: list[float] = field(default_factory=list)  # every step, for exact resume checks
+    examples_per_second: list[float] = field(default_factory=list)  # training steps only, per epoch
+    finished: bool = False  # a resumed run that had nothing left to train
 
 
-def load_data(path: str) -> dict[str, np.ndarray]:
-    """A ``.npz`` with ``x_train``, ``y_train`` and optionally ``x_test``, ``y_test``."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
-        raise GradfuseError(f"{path}: cannot read it as a .npz of arrays: {e}") from None
-    missing = {"x_train", "y_train"} - set(data)
-    if missing:
-        raise GradfuseError(f"{path}: missing {', '.join(sorted(missing))} (has {', '.join(sorted(data))})")
-    return data
+class Diverged(NumericError):
+    """The training loss became NaN or infinite."""
+
+
+def metrics_of(compiled, custom=None) -> Metrics:
+    """The metrics that fit ``compiled``'s prediction and targets (plus a model's own)."""
+    return for_model(compiled.prediction, compiled.targets, compiled.loss_graph, custom)
 
 
 def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -68,14 +73,6 @@ def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     if cuts and n - cuts[-1] == 1:
         cuts.pop()
     return np.split(order, cuts)
-
-
-def evaluate(compiled, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of the model's logits on (x, y)."""
-    logits = compiled.predict(x).astype(np.float64)
-    z = logits - logits.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-logp[np.arange(len(y)), y].mean()), float((logits.argmax(1) == y).mean())
 
 
 class Progress:
@@ -97,38 +94,60 @@ class Progress:
 
 
 def save_checkpoint(path: str, compiled, history: History, epoch: int, batch: int, config: TrainConfig) -> None:
-    """Weights, optimizer state and where training stands, in one .npz replaced atomically."""
+    """Weights, optimizer state and where training stands (``epoch``, batches of it done), in
+    one .npz replaced atomically."""
     meta = {"version": CHECKPOINT_VERSION, "model": compiled.name, "epoch": epoch, "batch": batch,
             "config": asdict(config), "history": asdict(history)}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "checkpoint") as f:
         np.savez(f, __meta__=np.array(json.dumps(meta)), **{f"w/{k}": v for k, v in compiled.weights.items()})
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, compiled) -> tuple[History, int, int]:
+def read_checkpoint(path: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(meta, weights) of a checkpoint, or a one-line error for anything else."""
+    arrays = read_numpy(path, "checkpoint")
+    if not isinstance(arrays, dict) or "__meta__" not in arrays:
+        raise FileError("checkpoint", path, "not a gradfuse checkpoint (no __meta__ entry)")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            meta = json.loads(str(f["__meta__"]))
-            weights = {k[2:]: f[k] for k in f.files if k.startswith("w/")}
-    except (OSError, ValueError, KeyError) as e:
-        raise GradfuseError(f"{path}: not a gradfuse checkpoint ({e})") from None
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise GradfuseError(f"{path}: checkpoint format {meta.get('version')}, "
-                            f"this gradfuse reads {CHECKPOINT_VERSION}")
+        meta = json.loads(str(arrays["__meta__"]))
+    except ValueError as e:
+        raise FileError("checkpoint", path, f"its __meta__ entry is damaged ({e})") from None
+    if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION:
+        version = meta.get("version") if isinstance(meta, dict) else None
+        raise FileError("checkpoint", path, f"format {version}, this gradfuse reads format {CHECKPOINT_VERSION}")
+    return meta, {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
+
+
+def load_checkpoint(path: str, compiled) -> tuple[History, int, int, dict]:
+    """Load the weights into ``compiled``; returns (history, epoch, batches done, config)."""
+    meta, weights = read_checkpoint(path)
     if meta["model"] != compiled.name:
-        raise GradfuseError(f"{path}: a checkpoint of {meta['model']}, not {compiled.name}")
+        raise FileError("checkpoint", path, f"a checkpoint of {meta['model']}, not {compiled.name}")
     missing = set(compiled.weights) - set(weights)
     if missing:
-        raise GradfuseError(f"{path}: lacks {', '.join(sorted(missing))} (another optimizer or model?)")
+        raise FileError("checkpoint", path, f"lacks {', '.join(sorted(missing))} (another optimizer or model?)")
     for k, v in compiled.weights.items():
         if weights[k].shape != v.shape or weights[k].dtype != v.dtype:
-            raise GradfuseError(f"{path}: {k} is {weights[k].dtype}{list(weights[k].shape)}, the model has "
-                                f"{v.dtype}{list(v.shape)}")
+            raise FileError("checkpoint", path, f"{k} is {weights[k].dtype}{list(weights[k].shape)}, the model "
+                                                f"has {v.dtype}{list(v.shape)}")
+    for k, v in compiled.weights.items():  # only once everything is known to fit
         v[...] = weights[k]
-    return History(**meta["history"]), meta["epoch"], meta["batch"]
+    return History(**meta["history"]), meta["epoch"], meta["batch"], meta["config"]
+
+
+def _save_or_rescue(compiled, history: History, epoch: int, batch: int, config: TrainConfig) -> None:
+    """The checkpoint; where it cannot be written, the same file in the temporary folder, and
+    an error that says so (training stops: every later write would fail the same way)."""
+    try:
+        save_checkpoint(config.checkpoint, compiled, history, epoch, batch, config)
+    except FileError as e:
+        rescued = rescue_path(compiled.name)
+        try:
+            save_checkpoint(rescued, compiled, history, epoch, batch, config)
+        except FileError as again:
+            raise FileError(e.what, e.path, f"{e.why}; saving it to {rescued} failed too ({again.why}): the "
+                                            "trained weights are lost") from None
+        raise FileError(e.what, e.path, f"{e.why}; training stopped, and the checkpoint went to {rescued} "
+                                        f"instead (go on with --checkpoint {rescued} --resume)") from None
 
 
 @contextlib.contextmanager
@@ -152,27 +171,69 @@ def _steps_are_atomic():
         signal.signal(signal.SIGINT, previous)
 
 
-def fit(compiled, data: dict[str, np.ndarray], config: TrainConfig, resume: bool = False,
-        progress: Progress | None = None, on_step: Callable[[int, int], None] | None = None) -> History:
-    """Train ``compiled`` (a CompiledModel or a loaded artifact) on ``data``."""
+def _resume(compiled, config: TrainConfig, progress: Progress) -> tuple[History, int, int]:
+    if not config.checkpoint:
+        raise GradfuseError("nothing to resume from: --resume needs --checkpoint FILE")
+    history, epoch, batch, saved = load_checkpoint(config.checkpoint, compiled)
+    for key in ("batch_size", "seed"):  # the batches of an epoch follow from these: keep them
+        if saved[key] != getattr(config, key):
+            progress.epoch(f"note: resuming with the checkpoint's {key.replace('_', ' ')} {saved[key]} "
+                           f"(not {getattr(config, key)}), so the run goes on as it started")
+            setattr(config, key, saved[key])
+    if epoch > config.epochs:
+        progress.epoch(f"{config.checkpoint}: training already finished ({epoch - 1} of {config.epochs} epochs "
+                       f"done); nothing to train (pass --epochs N with N > {epoch - 1} to train on)")
+        history.finished = True
+    else:
+        progress.epoch(f"resumed from {config.checkpoint}: epoch {epoch}, {batch} batches of it done")
+    return history, epoch, batch
+
+
+def _diverged(loss: float, epoch: int, step: int, steps: int, history: History, config: TrainConfig,
+              cause: str | None = None) -> Diverged:
+    last = history.step_losses[-1] if history.step_losses else None
+    text = f"epoch {epoch}, step {step} of {steps}: the training loss is {loss}"
+    text += f" (it was {last:.4g} the step before)" if last is not None else " at the first step"
+    text += f"; {cause}" if cause else (f"; the learning rate ({config.lr:g}) is likely too high for this model, "
+                                        "or the data holds extreme values: run with --check to name the first "
+                                        "op that made a NaN/Inf")
+    if config.checkpoint and history.epoch:
+        text += f"; the last good checkpoint, {config.checkpoint} (epoch {history.epoch[-1]}), is kept"
+    return Diverged(text + "; nothing was written")
+
+
+def fit(compiled, data: Dataset, config: TrainConfig, resume: bool = False, progress: Progress | None = None,
+        on_step: Callable[[int, int], None] | None = None, metrics: Metrics | None = None) -> History:
+    """Train ``compiled`` (a CompiledModel or a loaded artifact) on checked ``data``."""
+    from gradfuse.runtime.artifact import warm_up
+
     progress = progress or Progress()
-    x, y = data["x_train"], data["y_train"]
+    metrics = metrics or metrics_of(compiled)
     history, start_epoch, start_batch = History(), 1, 0
     if resume:
-        if not config.checkpoint or not os.path.exists(config.checkpoint):
-            raise GradfuseError(f"nothing to resume: no checkpoint at {config.checkpoint}")
-        history, start_epoch, start_batch = load_checkpoint(config.checkpoint, compiled)
-        progress.epoch(f"resumed from {config.checkpoint}: epoch {start_epoch}, batch {start_batch}")
+        history, start_epoch, start_batch = _resume(compiled, config, progress)
+        if history.finished:
+            return history
+    sizes = {len(part) for part in batches(len(data), config.batch_size, config.seed, start_epoch)}
+    warm_up(compiled, sizes)  # Numba compiles here, not inside the first epoch's throughput
+    inputs = len(compiled.inputs)
+    if data.test is not None:  # a metric that fails does so now, not after the first epoch
+        metrics.evaluate(compiled.predict, [a[:2] for a in data.test[:inputs]], [a[:2] for a in data.test[inputs:]])
     epoch, done = start_epoch, start_batch  # done: batches of this epoch already in the weights
     try:
         for epoch in range(start_epoch, config.epochs + 1):
-            parts = batches(len(x), config.batch_size, config.seed, epoch)
+            parts = batches(len(data), config.batch_size, config.seed, epoch)
             losses, seen, t0 = [], 0, time.perf_counter()
             done = start_batch if epoch == start_epoch else 0
             while done < len(parts):
                 idx = parts[done]
                 with _steps_are_atomic() as deliver_interrupt:
-                    loss = compiled.train_step(x[idx], y[idx], lr=config.lr)
+                    try:
+                        loss = compiled.train_step(*(a[idx] for a in data.train), lr=config.lr)
+                    except NumericError as e:  # check mode names the op
+                        raise _diverged(float("nan"), epoch, done + 1, len(parts), history, config, str(e)) from None
+                    if not math.isfinite(loss):
+                        raise _diverged(loss, epoch, done + 1, len(parts), history, config)
                     losses.append(loss)
                     history.step_losses.append(loss)
                     done += 1
@@ -181,49 +242,57 @@ def fit(compiled, data: dict[str, np.ndarray], config: TrainConfig, resume: bool
                 progress.step(epoch, done, len(parts), loss, seen / (time.perf_counter() - t0))
                 if on_step is not None:
                     on_step(epoch, done - 1)
-            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            history.examples_per_second.append(seen / max(time.perf_counter() - t0, 1e-9))
             history.epoch.append(epoch)
             history.train_loss.append(float(np.mean(losses)) if losses else float("nan"))
             line = f"epoch {epoch:3d}  train loss {history.train_loss[-1]:.4f}"
-            if "x_test" in data:
-                test_loss, accuracy = evaluate(compiled, data["x_test"], data["y_test"])
-                history.test_loss.append(test_loss)
-                history.test_accuracy.append(accuracy)
-                line += f"  test loss {test_loss:.4f}  test accuracy {accuracy:.1%}"
-            progress.epoch(line + f"  ({rate:,.0f} examples/s)")
+            if data.test is not None:
+                measured = metrics.evaluate(compiled.predict, data.test[:inputs], data.test[inputs:])
+                for k, v in measured.items():
+                    history.test.setdefault(k, []).append(v)
+                line += "  test " + metrics.describe(measured)
+            progress.epoch(line + f"  ({history.examples_per_second[-1]:,.0f} examples/s)")
             if config.checkpoint:
-                save_checkpoint(config.checkpoint, compiled, history, epoch + 1, 0, config)
+                _save_or_rescue(compiled, history, epoch + 1, 0, config)
     except KeyboardInterrupt:
         if config.checkpoint:
-            save_checkpoint(config.checkpoint, compiled, history, epoch, done, config)
+            _save_or_rescue(compiled, history, epoch, done, config)
             progress.epoch(f"interrupted: checkpoint written to {config.checkpoint} (epoch {epoch}, "
                            f"{done} batches done); resume with --resume")
         raise
-    if config.plot:
-        plot_history(history, config.plot, compiled.name)
     return history
 
 
-def plot_history(history: History, path: str, title: str) -> None:
+def plot_history(history: History, path: str, title: str, metrics: Metrics) -> None:
+    """The loss (train and test) and, beside it, the headline metric and the model's own."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(history.epoch, history.train_loss, label="train")
-    if history.test_loss:
-        left.plot(history.epoch, history.test_loss, label="test")
-    left.set_xlabel("epoch")
-    left.set_ylabel("cross-entropy")
+    shown = [m for m in ([metrics.headline] if metrics.headline else []) +
+             [m.name for m in metrics.metrics if m.fn is not None and m.name not in
+              ("accuracy", "top5_accuracy", "nats", "mse", "mae")] if m in history.test]
+    fig, axes = plt.subplots(1, 1 + bool(shown), figsize=(5 + 5 * bool(shown), 4), squeeze=False)
+    left = axes[0][0]
+    left.plot(history.epoch, history.train_loss, marker=".", label="train")
+    if "loss" in history.test:
+        left.plot(history.epoch, history.test["loss"], marker=".", label="test")
+    left.set_ylabel(f"loss ({metrics.loss_name})")
     left.legend()
-    if history.test_accuracy:
-        right.plot(history.epoch, [100 * a for a in history.test_accuracy], color="tab:green")
-    right.set_xlabel("epoch")
-    right.set_ylabel("test accuracy (%)")
+    if shown:
+        right = axes[0][1]
+        for name in shown:
+            scale = 100 if metrics.is_percent(name) else 1
+            right.plot(history.epoch, [scale * v for v in history.test[name]], marker=".",
+                       label=f"test {metrics.label(name)}" + (" (%)" if scale == 100 else ""))
+        right.legend()
+    for ax in axes[0]:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(path, "plot") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

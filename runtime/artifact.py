@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradfuse.errors import GradfuseError
+from gradfuse.files import FileError, atomic_dir
 from gradfuse.ir.graph import ArgKind
 from gradfuse.ir.types import parse_type
 
@@ -69,46 +70,55 @@ class SaveReport:
     bytes: int
 
 
-def warm_up(compiled) -> None:
-    """Run each program once on zeros and copies of the weights, so that Numba compiles every
-    kernel now (into the module's on-disk cache) instead of in the process that loads it."""
+def warm_up(compiled, batch_sizes=(2,)) -> None:
+    """Run each program on zeros and copies of the weights at each batch size, so that Numba
+    compiles every kernel now (into the module's on-disk cache, which an artifact copies) and
+    the buffers of those sizes are laid out before anything is timed."""
     from gradfuse.compiler import CompiledModel
 
     scratch = CompiledModel(compiled.name, compiled.inputs, compiled.targets, compiled.predict_program,
                             compiled.train_program, {k: v.copy() for k, v in compiled.weights.items()})
+    for n in dict.fromkeys(max(n, 2) for n in batch_sizes):  # a training batch needs two rows (BatchNorm)
+        def zeros(t, n=n):
+            return np.zeros(t.concrete({s: n for s in t.symbols}), t.dtype.np)
 
-    def zeros(t):
-        return np.zeros(t.concrete({s: 2 for s in t.symbols}), t.dtype.np)
-
-    scratch.predict(*[zeros(t) for t in compiled.inputs.values()])
-    if compiled.train_program is not None:
-        scratch.train_step(*[zeros(t) for t in {**compiled.inputs, **compiled.targets}.values()], lr=0.0)
+        scratch.predict(*[zeros(t) for t in compiled.inputs.values()])
+        if compiled.train_program is not None:
+            scratch.train_step(*[zeros(t) for t in {**compiled.inputs, **compiled.targets}.values()], lr=0.0)
 
 
 def save(compiled, path: str, stages: dict[str, str] | None = None) -> SaveReport:
-    """Write ``compiled`` (a CompiledModel) as an artifact at ``path``, atomically.
+    """Write ``compiled`` (a CompiledModel) as an artifact at ``path``, atomically: a failure
+    (a full disk included) leaves the previous artifact, or none, and no temporary folder.
 
     ``stages`` maps a stage name to its printed IR (``forward``, ``backward``, ``train``); the
     fused IR that the programs run is always included."""
     warm_up(compiled)
     path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    check_destination(path)
+    with atomic_dir(path, "artifact", _is_artifact) as tmp:
         _write(compiled, tmp, stages or {})
-        _swap_into_place(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     files = [f for f in glob.glob(os.path.join(path, "**"), recursive=True) if os.path.isfile(f)]
     return SaveReport(path, len(files), sum(os.path.getsize(f) for f in files))
+
+
+def _is_artifact(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "manifest.json"))
+
+
+def check_destination(path: str) -> None:
+    """Refuse, before any work, to replace a folder that holds something other than an artifact."""
+    if os.path.isdir(path) and os.listdir(path) and not _is_artifact(path):
+        raise FileError("artifact", path, "exists and is not a gradfuse artifact; refusing to replace it "
+                                          "(choose another name)")
 
 
 def _write(compiled, root: str, stages: dict[str, str]) -> None:
     os.makedirs(os.path.join(root, "ir"))
     os.makedirs(os.path.join(root, "kernels", "__pycache__"))
     programs = {}
+    if compiled.loss_graph is not None:
+        stages = {**stages, "loss": str(compiled.loss_graph)}
     for name, text in stages.items():
         with open(os.path.join(root, "ir", f"{name}.gfir"), "w", encoding="utf-8") as f:
             f.write(text)
@@ -138,25 +148,14 @@ def _write(compiled, root: str, stages: dict[str, str]) -> None:
         "cpu": cpu_identity(), "model": compiled.name, "optimizer": compiled.optimizer,
         "inputs": {k: str(t) for k, t in compiled.inputs.items()},
         "targets": {k: str(t) for k, t in compiled.targets.items()},
-        "programs": programs, "files": files,
+        "programs": programs, "loss": "ir/loss.gfir" if compiled.loss_graph is not None else None,
+        "files": files,
     }
     with open(os.path.join(root, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def _swap_into_place(tmp: str, path: str) -> None:
-    """Replace ``path`` by ``tmp``: at every moment ``path`` is the old artifact, the new one,
-    or (between two renames) absent — never a mixture."""
-    old = f"{path}.old-{os.getpid()}"
-    if os.path.exists(path):
-        if not os.path.exists(os.path.join(path, "manifest.json")) and os.listdir(path):
-            raise ArtifactError(f"{path} exists and is not a gradfuse artifact: refusing to replace it")
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(path: str) -> dict:
@@ -226,6 +225,10 @@ def load(path: str, recompile: bool = False, check_cpu: bool = True):
         programs[name] = Program(graph, lower(graph), source, module_path, module, in_place=frozenset(info["in_place"]))
     with np.load(os.path.join(path, "weights.npz"), allow_pickle=False) as f:
         weights = {k: np.array(f[k]) for k in f.files}
+    loss_graph = None
+    if manifest.get("loss"):
+        with open(os.path.join(path, manifest["loss"]), encoding="utf-8") as f:
+            loss_graph = parse_graph(f.read(), file=manifest["loss"])
     for prog in programs.values():
         for kind, v in prog.graph.args:
             if kind is not ArgKind.input and (v.name not in weights or weights[v.name].shape !=
@@ -233,4 +236,4 @@ def load(path: str, recompile: bool = False, check_cpu: bool = True):
                 raise ArtifactError(f"{path}: weights.npz has no {v.type} array for %{v.name}")
     return CompiledModel(manifest["model"], {k: parse_type(t) for k, t in manifest["inputs"].items()},
                          {k: parse_type(t) for k, t in manifest["targets"].items()}, programs["predict"],
-                         programs.get("train"), weights, manifest.get("optimizer", "none"))
+                         programs.get("train"), weights, manifest.get("optimizer", "none"), loss_graph=loss_graph)

@@ -340,12 +340,14 @@ class Program:
                 values[item.outputs[0]] = values[item.inputs[0]].reshape(item.outputs[0].type.concrete(sizes))
                 env[arr(item.outputs[0])] = values[item.outputs[0]]
                 continue
+            overwritten = {v: values[v].copy() for v in item.reads  # updated in place: replay needs the old values
+                           if any(np.shares_memory(values[v], values[w]) for w in item.writes)}
             getattr(self.module, item.name)(*(env[p] for p in KernelPrinter(item, Writer()).signature()))
             folded = update_in_gemm(item, self.kernels)  # its gradient never leaves BLAS
             bad = [v for v in item.writes if v.type.dtype.is_float and not (folded and v is folded.product)
                    and not np.all(np.isfinite(values[v]))]
             if bad:
-                raise NumericError(self._explain_nonfinite(item, values, sizes, get_op))
+                raise NumericError(self._explain_nonfinite(item, {**values, **overwritten}, sizes, get_op))
         for old, new in self.graph.updates:
             if new is not old:
                 values[old][...] = values[new]
@@ -372,7 +374,10 @@ class Program:
                     bad_in = [f"%{u.name}" for u in n.inputs
                               if u.type.dtype.is_float and not np.all(np.isfinite(env[u]))]
                     where = f" at {n.loc}" + (f" in {n.scope}" if n.scope else "") if n.loc else ""
-                    cause = f"its input {', '.join(bad_in)} is not finite" if bad_in else "from finite inputs"
+                    largest = max((float(np.max(np.abs(env[u]))) for u in n.inputs
+                                   if u.type.dtype.is_float and np.size(env[u])), default=0.0)
+                    cause = f"its input {', '.join(bad_in)} is not finite" if bad_in else \
+                        f"from finite inputs, the largest of magnitude {largest:.3g}"
                     return (f"kernel {kernel.name}: %{v.name} = {n.op}{where} produced NaN/Inf ({cause}; "
                             f"{int(np.sum(~np.isfinite(a)))} of {a.size} elements)" +
                             (f" [{n.note}]" if n.note else ""))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import gradfuse as gf
+from gradfuse.files import FileError
 from gradfuse.runtime import artifact
 from gradfuse.runtime.artifact import ArtifactError
 
@@ -144,17 +145,17 @@ def test_a_crash_mid_write_leaves_the_old_artifact(compiled_digits, copy, monkey
         raise OSError("disk full")
 
     monkeypatch.setattr(artifact.np, "savez", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(FileError, match=f"artifact {copy}: disk full"):
         artifact.save(compiled_digits, copy)
     assert artifact.read_manifest(copy) == before  # the old one, intact and loadable
     gf.load(copy)
-    assert not [p for p in os.listdir(os.path.dirname(copy)) if ".tmp-" in p]
+    assert not [p for p in os.listdir(os.path.dirname(copy)) if ".tmp" in p]
 
 
 def test_a_crash_mid_write_leaves_no_half_artifact(compiled_digits, tmp_path, monkeypatch):
     target = str(tmp_path / "new")
     monkeypatch.setattr(artifact.np, "savez", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError):
+    with pytest.raises(FileError, match="disk full"):
         artifact.save(compiled_digits, target)
     assert not os.path.exists(target) and os.listdir(tmp_path) == []
 
@@ -163,6 +164,6 @@ def test_save_refuses_to_replace_a_directory_that_is_not_an_artifact(compiled_di
     other = tmp_path / "mine"
     other.mkdir()
     (other / "thesis.tex").write_text("precious")
-    with pytest.raises(ArtifactError, match="is not a gradfuse artifact: refusing to replace it"):
+    with pytest.raises(FileError, match="is not a gradfuse artifact; refusing to replace it"):
         artifact.save(compiled_digits, str(other))
     assert (other / "thesis.tex").read_text() == "precious"
