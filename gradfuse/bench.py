@@ -25,6 +25,7 @@ import numpy as np
 import gradfuse as gf
 from gradfuse import functional as F
 from gradfuse import nn
+from gradfuse.files import atomic_file, check_writable
 
 
 @dataclass
@@ -361,6 +362,8 @@ def main(only: list[str] | None = None, json_path: str | None = None, quick: boo
     unknown = set(only or []) - set(BENCHMARKS)
     if unknown:
         raise SystemExit(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")
+    if json_path:
+        check_writable(json_path, "benchmark results")  # before minutes of measuring
     rows: list[Measurement] = []
     for name, fn in BENCHMARKS.items():
         if only and name not in only:
@@ -370,6 +373,6 @@ def main(only: list[str] | None = None, json_path: str | None = None, quick: boo
         rows += new
     print("\nratio = reference time / gradfuse time (above 1: gradfuse is faster)")
     if json_path:
-        with open(json_path, "w") as f:
+        with atomic_file(json_path, "benchmark results", "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=2)
     return 0

@@ -103,6 +103,7 @@ def _render(g: Graph, fmt: str) -> str:
 def cmd_show(args) -> int:
     from gradfuse.loader import load_model
 
+    _check_outputs((args.dump_passes, "IR dump folder", True))
     model = load_model(args.model)
     args.saved, args.reports = None, []
     if args.pipeline is None:
@@ -361,6 +362,9 @@ def cmd_train(args) -> int:
     if args.resume:
         read_checkpoint(args.checkpoint)  # a damaged one is refused before anything is compiled
     model, compiled = _load_any(args.model, args)
+    if compiled.train_program is None:
+        raise GradfuseError(f"{args.model}: model {compiled.name} has no loss to train on: pass loss=... to "
+                            "gradfuse.Model (e.g. loss=F.cross_entropy)")
     source = args.data or f"{args.model}'s data()"
     data = check_data(load_npz(args.data) if args.data else _model_data(model, args.model), compiled.inputs,
                       compiled.targets, compiled.prediction, source=source)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradfuse.errors import GradfuseError, InputError
+from gradfuse.files import CACHE, atomic_file
 from gradfuse.ir.graph import ArgKind, Graph
 from gradfuse.ir.types import DType, TensorType
 from gradfuse.model import Model, float_dtype, trace_loss
@@ -176,11 +177,8 @@ def cached_pipeline(graph: Graph, pipeline: str, cache_dir: str) -> Graph:
     except (OSError, GradfuseError):  # not cached yet (or unreadable): run the passes
         pass
     result = run_pipeline(graph, pipeline).graph
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path, CACHE, "w") as f:  # a concurrent compile reads all of it or nothing
         f.write(str(result))
-    os.replace(tmp, path)  # atomic: a concurrent compile reads all of it or nothing
     return result
 
 

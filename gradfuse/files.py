@@ -87,7 +87,7 @@ def atomic_file(path: str, what: str, mode: str = "wb") -> Iterator:
         raise FileError(what, path, why(e)) from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # as open() would make it, not mkstemp's 0600
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -137,6 +137,9 @@ def _umask() -> int:
 def _remove(path: str) -> None:
     with contextlib.suppress(OSError):
         os.remove(path)
+
+
+CACHE = "the compile cache (move it with GRADFUSE_CACHE)"  # what a cache write that fails is called
 
 
 def rescue_path(name: str) -> str:

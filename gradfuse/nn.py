@@ -118,19 +118,15 @@ class Module:
         every child module under its attribute name (a Sequential's ``0``, ``1``, ... as in
         PyTorch). Layers whose PyTorch counterpart differs (Linear, BatchNorm,
         MultiHeadSelfAttention, ...) override this."""
-        out: dict[str, np.ndarray] = {}
-        for name, child in self.children().items():
-            if isinstance(child, Parameter):
-                value = src.take(name, child.shape)
-                if value is not None:
-                    out[name] = value
-            else:
-                out.update((f"{name}.{k}", v) for k, v in child.state_from_pytorch(src.sub(name)).items())
-        return out
+        return self._same_layout(src, "state_from_pytorch")
 
     def state_to_pytorch(self, src: StateView) -> dict[str, np.ndarray]:
         """The inverse of :meth:`state_from_pytorch`: ``src`` holds gradfuse's entries under
         this module's prefix; returns the PyTorch counterpart's, by path relative to it."""
+        return self._same_layout(src, "state_to_pytorch")
+
+    def _same_layout(self, src: StateView, method: str) -> dict[str, np.ndarray]:
+        """Tensors under their attribute names as they are; children mapped by their ``method``."""
         out: dict[str, np.ndarray] = {}
         for name, child in self.children().items():
             if isinstance(child, Parameter):
@@ -138,7 +134,7 @@ class Module:
                 if value is not None:
                     out[name] = value
             else:
-                out.update((f"{name}.{k}", v) for k, v in child.state_to_pytorch(src.sub(name)).items())
+                out.update((f"{name}.{k}", v) for k, v in getattr(child, method)(src.sub(name)).items())
         return out
 
     def __repr__(self) -> str:

@@ -74,6 +74,21 @@ def _paths(module: Module, prefix: str = "") -> set[str]:
     return out
 
 
+def _mapped(state: Mapping, model, strict: bool, layout: str, direction: str) -> tuple[Module, dict]:
+    """(the net, ``state`` mapped by every layer's ``state_<direction>``), or one StateDictError."""
+    net, what = _net(model)
+    if not isinstance(state, Mapping):
+        raise StateDictError(f"{direction} takes a state_dict (a mapping from names to arrays), "
+                             f"got {type(state).__name__}")
+    src = StateView({k: to_numpy(v) for k, v in state.items()}, layout=layout)
+    out = getattr(net, f"state_{direction}")(src)
+    problems = src.problems(strict)
+    if problems:
+        kind = "PyTorch state_dict" if layout == "PyTorch" else "state_dict"
+        raise StateDictError(f"the {kind} does not fit {what}: " + "; ".join(problems))
+    return net, out
+
+
 def from_pytorch(state_dict: Mapping, model, *, strict: bool = True) -> dict[str, np.ndarray]:
     """A ``torch.nn.Module.state_dict()`` (tensors or numpy arrays) in gradfuse's names and
     layouts, for ``model`` (a :class:`gradfuse.Model` or :class:`gradfuse.nn.Module`): pass the
@@ -84,16 +99,7 @@ def from_pytorch(state_dict: Mapping, model, *, strict: bool = True) -> dict[str
     docstring). Raises one StateDictError naming, in PyTorch's names, every entry that is missing,
     unexpected (``strict=False`` tolerates those two) or not the shape PyTorch's layer would have.
     The arrays keep their dtype; loading converts them."""
-    net, what = _net(model)
-    if not isinstance(state_dict, Mapping):
-        raise StateDictError(f"from_pytorch takes a state_dict (a mapping from names to tensors), "
-                             f"got {type(state_dict).__name__}")
-    entries = {k: to_numpy(v) for k, v in state_dict.items()}
-    src = StateView(entries, layout="PyTorch")
-    out = net.state_from_pytorch(src)
-    problems = src.problems(strict)
-    if problems:
-        raise StateDictError(f"the PyTorch state_dict does not fit {what}: " + "; ".join(problems))
+    net, out = _mapped(state_dict, model, strict, "PyTorch", "from_pytorch")
     known = dict(net.named_tensors())
     aliases = _paths(net)
     assert all(k in aliases for k in out), sorted(set(out) - aliases)  # a layer's mapping names its own tensors
@@ -105,16 +111,7 @@ def to_pytorch(state: Mapping, model, *, tensors: bool = False, strict: bool = T
     ``Model.initial_values()``) in PyTorch's names and layouts, as numpy arrays, or as
     ``torch.Tensor`` with ``tensors=True`` (what ``torch.nn.Module.load_state_dict`` takes; that
     imports torch). BatchNorm's ``num_batches_tracked`` is not written: PyTorch fills it in."""
-    net, what = _net(model)
-    if not isinstance(state, Mapping):
-        raise StateDictError(f"to_pytorch takes a state_dict (a mapping from names to arrays), "
-                             f"got {type(state).__name__}")
-    entries = {k: to_numpy(v) for k, v in state.items()}
-    src = StateView(entries, layout="gradfuse")
-    out = net.state_to_pytorch(src)
-    problems = src.problems(strict)
-    if problems:
-        raise StateDictError(f"the state_dict does not fit {what}: " + "; ".join(problems))
+    _, out = _mapped(state, model, strict, "gradfuse", "to_pytorch")
     if tensors:
         import torch
 

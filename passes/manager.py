@@ -127,7 +127,6 @@ def run_pipeline(graph: Graph, passes: Sequence[Pass] | str, dump_dir: str | Non
     dump_dir = dump_dir or os.environ.get("GRADFUSE_DUMP") or None
     result = PipelineResult(graph)
     if dump_dir:
-        os.makedirs(dump_dir, exist_ok=True)
         _write(os.path.join(dump_dir, "00-input.gfir"), str(graph))
     for i, p in enumerate(passes, start=1):
         before = len(result.graph.nodes)
@@ -147,7 +146,9 @@ def run_pipeline(graph: Graph, passes: Sequence[Pass] | str, dump_dir: str | Non
 
 
 def _write(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    from gradfuse.files import atomic_file
+
+    with atomic_file(path, "IR dump", "w") as f:
         f.write(text)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from gradfuse.codegen.cpu import arr, print_module
 from gradfuse.codegen.kernel_ir import KernelProgram, lower
 from gradfuse.errors import InputError, NumericError
+from gradfuse.files import CACHE, atomic_file
 from gradfuse.ir.graph import ArgKind, Graph
 
 INDEXING_OPS = {"softmax_cross_entropy", "softmax_cross_entropy_grad", "embedding", "embedding_grad",
@@ -32,13 +33,10 @@ def load_module(source: str, cache_dir: str, stem: str):
     so Numba's on-disk cache (``cache=True``) finds its compiled kernels next time."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     name = f"gf_{stem}_{digest}"
-    os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"{name}.py")
     if not os.path.exists(path):
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(path, CACHE, "w") as f:  # a concurrent reader sees all of it or nothing
             f.write(source)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees all of it or nothing
     return import_module(path), path
 
 

@@ -271,3 +271,22 @@ def test_errors_through_a_real_process_have_no_traceback(tmp_path):
                              "--checkpoint", str(bad), "--resume"], capture_output=True, text=True)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith(f"error: checkpoint {bad}:") and result.stderr.count("\n") == 1
+
+
+def test_ir_dumps_and_the_compile_cache_in_unwritable_places(capsys, unwritable, tmp_path):
+    code, out, err = cli(capsys, "show", MLP, "--stage", "fused", "--dump-passes", os.path.join(unwritable, "d"))
+    one_line_error(code, err, "IR dump folder", "cannot create files in")
+    assert out == ""
+    env = {**os.environ, "GRADFUSE_CACHE": os.path.join(unwritable, "cache")}
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "gradfuse"), "compile", MLP, "-o",
+                             str(tmp_path / "art")], capture_output=True, text=True, env=env)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: the compile cache (move it with GRADFUSE_CACHE)"), result.stderr
+
+
+def test_a_model_without_a_loss_cannot_train(capsys, tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("import gradfuse as gf\nfrom gradfuse import nn\n"
+                    "model = gf.Model(nn.Linear(4, 2), inputs={'x': 'f32[N,4]'})\n")
+    code, _, err = cli(capsys, "train", path, *QUICK)
+    one_line_error(code, err, "has no loss to train on")
