@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradfuse.ir.graph import Node, Value
+from gradfuse.ir.registry import OpDef, get_op, role
 
 from . import blas, cpu_templates
 from .cpu_templates import store_index
@@ -42,7 +43,23 @@ NUMPY_ERRORS = "error_model='numpy'"
 # fast-math without 'nnan' and 'ninf': reassociation (vectorised reductions), FMA contraction and
 # reciprocals, but inf and nan stay IEEE (with them LLVM folded x / (s - s) to a finite number)
 FASTMATH = "{'reassoc', 'contract', 'arcp', 'nsz'}"
-ROW_OPS = cpu_templates.ROW_TEMPLATES
+
+
+def missing_lowering(op: OpDef) -> str | None:
+    """Why this backend cannot print ``op``, from its record alone; None when it can."""
+    low = op.lowering
+    if op.role in ("view", "immediate"):
+        return None
+    if op.role == "elementwise":
+        return None if "expr" in low else "no scalar expression (lowering['expr'])"
+    if op.role == "reduction":
+        return None if {"combine", "identity"} <= set(low) else "no combine and identity"
+    if op.role == "gemm":
+        return None if low.get("template") == "gemm" else "a GEMM without the 'gemm' template"
+    t = low.get("template")
+    if t in cpu_templates.ROW_TEMPLATES:
+        return None if low.get("row_stat") in ("max", "mean") else f"row template {t!r} without a row_stat"
+    return None if t in cpu_templates.TEMPLATES else f"no CPU template {t!r}"
 
 
 def arr(v: Value) -> str:
@@ -103,7 +120,7 @@ def update_in_gemm(k: Kernel, prog: KernelProgram) -> UpdateInGemm | None:
         return None
     mm, mul, sub = k.nodes
     g = mm.outputs[0]
-    if mm.op != "matmul" or mul.op != "mul" or sub.op != "sub" or g.type.rank != 2:
+    if role(mm) != "gemm" or mul.op != "mul" or sub.op != "sub" or g.type.rank != 2:
         return None
     lr = next((v for v in mul.inputs if v is not g), None)
     step = mul.outputs[0]
@@ -196,7 +213,8 @@ class KernelPrinter:
             self.gemm()
         elif k.kind == "reduction":
             self.reduction()
-        elif k.kind == "row" and all(a.op in ROW_OPS for a in k.anchors) and self._row_ok():
+        elif k.kind == "row" and all(cpu_templates.template(a) in cpu_templates.ROW_TEMPLATES
+                                     for a in k.anchors) and self._row_ok():
             self.row()
         else:
             self.whole_tensor()
@@ -229,11 +247,12 @@ class KernelPrinter:
         axes, keepdims = red.attrs.get("axes", ()), red.attrs.get("keepdims", False)
         space = x.type.shape
         ftype = CTOR[y.type.dtype]
-        combine = {"sum": "{a} + {b}", "mean": "{a} + {b}", "max": "max({a}, {b})"}[red.op]
+        lowering = get_op(red.op).lowering  # combine, identity and finish come from the op's record
+        combine = lowering["combine"]
         lowest = f"{ftype}(-np.inf)" if y.type.dtype.is_float else f"{ftype}({int(np.iinfo(y.type.dtype.np).min)})"
-        identity = {"sum": f"{ftype}(0)", "mean": f"{ftype}(0)", "max": lowest}[red.op]
+        identity = lowest if lowering["identity"] == "lowest" else f"{ftype}({lowering['identity']})"
         count = " * ".join(_dim(space[a]) for a in axes) or "1"
-        finish = (lambda acc: f"{acc} / {ftype}({count})") if red.op == "mean" else (lambda acc: acc)
+        finish = (lambda acc: f"{acc} / {ftype}({count})") if lowering.get("finish") == "mean" else (lambda acc: acc)
         kept = [i for i in range(len(space)) if i not in axes]
         out_space = tuple(1 if i in axes else space[i] for i in range(len(space))) if keepdims else \
             tuple(space[i] for i in kept)

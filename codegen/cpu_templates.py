@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from gradfuse.ir.graph import Node, Value
+from gradfuse.ir.registry import get_op
 
 from . import blas
 from .kernel_ir import CTOR, CodegenError, float_ctor, local_name
@@ -198,11 +199,14 @@ def _row_xent_grad(ctx: RowCtx, n: Node, out: str, lead: list[str]) -> None:
     w(f"lbl = {_label(ctx, n, lead)}")
     w(f"scale = {g} / ({ctx.F}(R) * {s})")
     w(f"hit = {g} / {ctx.F}(R)")
+    # the label's (p - 1) g / R as one product, as xent_grad_ref: p g/R - g/R is inf - inf (NaN)
+    # for an infinite g; read before the loop, which may overwrite the row in place
+    w(f"p_lbl = fast_exp_{ctx.F}({ctx.read('lbl')} - {m}) / {s}")
     w("for j in range(C):")
     w.indent()
     w(f"{out}[j] = fast_exp_{ctx.F}({ctx.read('j')} - {m}) * scale")
     w.dedent()
-    w(f"{out}[lbl] -= hit")
+    w(f"{out}[lbl] = (p_lbl - {ctx.F}(1.0)) * hit")
 
 
 def _row_layer_norm(ctx: RowCtx, n: Node, out: str, lead: list[str]) -> None:
@@ -216,15 +220,18 @@ def _row_layer_norm(ctx: RowCtx, n: Node, out: str, lead: list[str]) -> None:
     w.dedent()
 
 
-# op -> (template, result is one scalar per row accumulated over rows)
-ROW_TEMPLATES = {"softmax": (_row_softmax, False), "log_softmax": (_row_log_softmax, False),
-                 "layer_norm": (_row_layer_norm, False), "softmax_cross_entropy": (_row_xent, True),
-                 "softmax_cross_entropy_grad": (_row_xent_grad, False)}
+# the one-pass row templates, by the name an op's record gives (``lowering["template"]``)
+ROW_TEMPLATES = {"softmax_rows": _row_softmax, "log_softmax_rows": _row_log_softmax,
+                 "layer_norm_rows": _row_layer_norm, "xent_rows": _row_xent, "xent_grad_rows": _row_xent_grad}
 
 
-# the statistic each row op needs first (the one a prologue can accumulate while making x)
-ROW_STATS = {"softmax": "max", "log_softmax": "max", "layer_norm": "mean", "softmax_cross_entropy": "max",
-             "softmax_cross_entropy_grad": "max"}
+def template(n: Node) -> str | None:
+    return get_op(n.op).lowering.get("template")
+
+
+def scalar_result(n: Node) -> bool:
+    """One value per row, accumulated over the rows (a loss), rather than a row per row."""
+    return get_op(n.op).lowering.get("row_result") == "scalar"
 
 
 def _direct_row_output(k, x: Value, axis: int) -> Value | None:
@@ -232,7 +239,7 @@ def _direct_row_output(k, x: Value, axis: int) -> Value | None:
     also holds x while the row is worked on): the last anchor, the only one with a row result,
     written out with no epilogue, along the last axis. Each element of the row is read before it
     is written, so this holds even where the memory plan lets the output share x's storage."""
-    rowwise = [a for a in k.anchors if not ROW_TEMPLATES[a.op][1]]
+    rowwise = [a for a in k.anchors if not scalar_result(a)]
     if len(rowwise) != 1 or rowwise[0] is not k.anchors[-1] or k.epilogue is not None:
         return None
     v = rowwise[0].outputs[0]
@@ -240,8 +247,8 @@ def _direct_row_output(k, x: Value, axis: int) -> Value | None:
 
 
 def row_axis(n: Node) -> int:
-    """The axis a row op reduces: softmax's ``axis``, else the last (classes, features)."""
-    return n.attrs["axis"] if n.op in ("softmax", "log_softmax") else n.inputs[0].type.rank - 1
+    """The axis a row op reduces (its record's ``row_axis``: softmax's ``axis``, else the last)."""
+    return get_op(n.op).row_axis(n)
 
 
 def row_kernel(kp) -> None:
@@ -258,7 +265,7 @@ def row_kernel(kp) -> None:
     w(f"C = {_dim(x.type.shape[axis])}")
     accs = {}
     for a in k.anchors:
-        if ROW_TEMPLATES[a.op][1]:
+        if scalar_result(a):
             accs[a] = f"acc_{local_name(a.outputs[0])[2:]}"
             w(f"{accs[a]} = {ftype}(0.0)")
     w(f"for r in {'prange' if kp.parallel_rows else 'range'}(R):")
@@ -290,7 +297,8 @@ def row_kernel(kp) -> None:
             scratch = direct is not None and direct.type.dtype == x.type.dtype
             w(f"t_x = {row_of(direct)}" if scratch else f"t_x = np.empty(C, {CTOR[x.type.dtype]})")
             ctx.read = lambda j: f"t_x[{j}]"
-            step, finish = ctx.accumulate_in_prologue({ROW_STATS[a.op] for a in k.anchors}, local_name(x))
+            stats = {get_op(a.op).lowering["row_stat"] for a in k.anchors}
+            step, finish = ctx.accumulate_in_prologue(stats, local_name(x))
         w(f"for {jv} in range(C):")
         w.indent()
         kp.loop_body(k.prologue, full)
@@ -300,20 +308,20 @@ def row_kernel(kp) -> None:
         w.dedent()
         if made:
             finish()
-    if any(ROW_TEMPLATES[a.op][0] is _row_xent for a in k.anchors):
+    if any(ROW_TEMPLATES[template(a)] is _row_xent for a in k.anchors):
         ctx.row_sumexp_parts()  # first: the anchors that want the plain sum then share its loop
     row_outs = {}
     for a in k.anchors:
-        template, scalar = ROW_TEMPLATES[a.op]
-        if scalar:
-            template(ctx, a, accs[a], lead)
+        emit = ROW_TEMPLATES[template(a)]
+        if scalar_result(a):
+            emit(ctx, a, accs[a], lead)
         elif a.outputs[0] is direct:
             w(f"o_{local_name(direct)[2:]} = {row_of(direct)}")
-            template(ctx, a, f"o_{local_name(direct)[2:]}", lead)
+            emit(ctx, a, f"o_{local_name(direct)[2:]}", lead)
         else:
             row_outs[a.outputs[0]] = f"o_{local_name(a.outputs[0])[2:]}"
             w(f"{row_outs[a.outputs[0]]} = np.empty(C, {CTOR[a.outputs[0].type.dtype]})")
-            template(ctx, a, row_outs[a.outputs[0]], lead)
+            emit(ctx, a, row_outs[a.outputs[0]], lead)
     if row_outs:
         w(f"for {jv} in range(C):")
         w.indent()
@@ -354,15 +362,15 @@ def whole_tensor_kernel(kp) -> None:
         if v not in k.writes:
             w(f"{kp.arr(v)} = np.empty({_shape(v)}, {CTOR[v.type.dtype]})")
     for a in k.anchors:
-        if a.op in ROW_TEMPLATES:  # a pass over the rows of its input, which now lies in memory
+        if template(a) in ROW_TEMPLATES:  # a pass over the rows of its input, which now lies in memory
             row_kernel(type(kp)(replace(k, anchors=[a], writes=list(a.outputs), prologue=None, epilogue=None,
                                         finale=None), w))
             continue
-        template = TEMPLATES.get(a.op)
-        if template is None:
-            raise CodegenError(f"no CPU template for {a.op} (%{a.outputs[0].name}) in kernel {k.name} "
-                               f"with {[b.op for b in k.anchors]}")
-        template(kp, a, [kp.arr(v) for v in a.inputs], [kp.arr(v) for v in a.outputs])
+        emit = TEMPLATES.get(template(a))
+        if emit is None:
+            raise CodegenError(f"no CPU template {template(a)!r} for {a.op} (%{a.outputs[0].name}) in kernel "
+                               f"{k.name} with {[b.op for b in k.anchors]}")
+        emit(kp, a, [kp.arr(v) for v in a.inputs], [kp.arr(v) for v in a.outputs])
     for loop in (k.epilogue, k.finale):
         if loop is None:
             continue
@@ -613,10 +621,12 @@ def _batch_norm_infer(kp, n, ins, outs):
     w(f"        y2[r, j] = (x2[r, j] - {ins[3]}[j]) * scale + {ins[2]}[j]")
 
 
+# the whole-tensor templates, by the name an op's record gives (``lowering["template"]``)
 TEMPLATES = {
-    "transpose": _transpose, "broadcast_to": _broadcast_to, "slice": _slice, "slice_grad": _slice_grad,
-    "concat": _concat, "embedding": _embedding, "embedding_grad": _embedding_grad, "mse": _mse,
-    "mse_grad": _mse_grad, "batch_norm_train": _batch_norm_train, "batch_norm_infer": _batch_norm_infer,
-    "layer_norm_grad": lambda kp, n, i, o: _norm_grad(kp, n, i, o, over_rows=True),
-    "batch_norm_train_grad": lambda kp, n, i, o: _norm_grad(kp, n, i, o, over_rows=False),
+    "permute_copy": _transpose, "broadcast_copy": _broadcast_to, "strided_copy": _slice,
+    "strided_scatter": _slice_grad, "concat_copy": _concat, "gather_rows": _embedding,
+    "scatter_add_rows": _embedding_grad, "mse_total": _mse, "mse_grad_total": _mse_grad,
+    "batch_norm_columns": _batch_norm_train, "batch_norm_infer_columns": _batch_norm_infer,
+    "norm_grad_rows": lambda kp, n, i, o: _norm_grad(kp, n, i, o, over_rows=True),
+    "norm_grad_columns": lambda kp, n, i, o: _norm_grad(kp, n, i, o, over_rows=False),
 }

@@ -9,22 +9,18 @@ writes the values other kernels or the caller need.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
 from gradfuse.errors import GradfuseError
 from gradfuse.ir.graph import Graph, Node, Value
-from gradfuse.ir.registry import get_op
+from gradfuse.ir.registry import get_op, role
 from gradfuse.ir.types import DType
-from gradfuse.passes.fusion import role
 
 from .scalar_lib import specialise
 
 CTOR = {DType.f32: "f32", DType.f64: "f64", DType.i32: "i32", DType.i64: "i64", DType.bool: "b1"}
-
-
-# operands that structured kernels read as one scalar, so a constant may stay a literal there
-SCALAR_OPERANDS = {"softmax_cross_entropy_grad": {2}, "mse_grad": {2}}
 
 
 class CodegenError(GradfuseError):
@@ -91,9 +87,20 @@ def float_ctor(node: Node) -> str:
     return CTOR[next((t for t in types if t.is_float), DType.f32)]
 
 
+def float_literal(value: float) -> str:
+    """A Python float as source the backends compile: ``repr`` for finite values, ``np.inf``,
+    ``-np.inf`` and ``np.nan`` for the others (``repr`` gives ``inf``, an unknown name there)."""
+    value = float(value)
+    if math.isnan(value):
+        return "np.nan"
+    if math.isinf(value):
+        return "np.inf" if value > 0 else "-np.inf"
+    return repr(value)
+
+
 def _literal(value: float, dtype: DType) -> str:
     if dtype.is_float:
-        return f"{CTOR[dtype]}({float(value)!r})"
+        return f"{CTOR[dtype]}({float_literal(value)})"
     if dtype is DType.bool:
         return "True" if value else "False"
     return f"{CTOR[dtype]}({int(value)})"
@@ -121,7 +128,7 @@ class Lowering:
     @staticmethod
     def needs_buffer(v: Value, readers: list[Node]) -> bool:
         """Whether one of ``readers`` takes ``v`` as an array rather than as a scalar literal."""
-        return any(w is v and role(u) != "elementwise" and i not in SCALAR_OPERANDS.get(u.op, ())
+        return any(w is v and role(u) != "elementwise" and i not in get_op(u.op).scalar_operands
                    for u in readers for i, w in enumerate(u.inputs))
 
     def immediate(self, v: Value) -> str | None:
@@ -139,7 +146,8 @@ class Lowering:
         if "expr" not in opdef.lowering:
             raise CodegenError(f"no scalar lowering for {n.op} (%{n.outputs[0].name})")
         ftype = float_ctor(n)
-        fields = {k: (v.value if isinstance(v, DType) else v) for k, v in n.attrs.items()}
+        fields = {k: (v.value if isinstance(v, DType) else float_literal(v) if isinstance(v, float) else v)
+                  for k, v in n.attrs.items()}
         text = opdef.lowering["expr"].format(*operands, F=ftype, OUT=CTOR[n.outputs[0].type.dtype], idx="idx",
                                              **fields)
         return specialise(text, ftype)

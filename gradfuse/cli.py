@@ -22,7 +22,7 @@ def _stage_loss(model, args) -> Graph:
 
 
 def _stage_backward(model, args) -> Graph:
-    from gradfuse.passes.training import backward
+    from gradfuse.stages import backward
 
     grads = backward(model)
     args.saved = grads.saved
@@ -30,16 +30,17 @@ def _stage_backward(model, args) -> Graph:
 
 
 def _stage_train(model, args) -> Graph:
-    from gradfuse.passes.training import training_step
+    from gradfuse.stages import training_step
 
     return training_step(model, _optimizer(args)).graph
 
 
 def _stage_fused(model, args) -> Graph:
     from gradfuse.passes.manager import run_pipeline
-    from gradfuse.passes.training import training_step
+    from gradfuse.stages import training_passes
 
-    result = run_pipeline(training_step(model, _optimizer(args)).graph, args.pipeline, dump_dir=args.dump_passes)
+    passes = f"{training_passes(_optimizer(args))},{args.pipeline}"  # from the loss graph, as compile runs them
+    result = run_pipeline(model.trace(train=True, with_loss=True), passes, dump_dir=args.dump_passes)
     args.reports = [r.report for r in result.records if r.report] if args.explain else []
     args.reports.append(result.timing_table())
     return result.graph
@@ -199,7 +200,7 @@ def _compile_model(args):
 
 def _stage_texts(model, args) -> dict[str, str]:
     """The printed IR of every stage before the passes, for an artifact's ir/ folder."""
-    from gradfuse.passes.training import backward, training_step
+    from gradfuse.stages import backward, training_step
 
     return {"forward": str(model.trace()), **({"backward": str(backward(model).graph),
                                                "train": str(training_step(model, _optimizer(args)).graph)}

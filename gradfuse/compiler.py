@@ -31,8 +31,8 @@ from gradfuse.model import Model, float_dtype, trace_loss
 from gradfuse.passes.manager import run_pipeline
 from gradfuse.passes.optimizer import SGD, Adam
 from gradfuse.passes.precision import with_float
-from gradfuse.passes.training import training_step
 from gradfuse.runtime.program import DEFAULT_CACHE, Program
+from gradfuse.stages import training_passes
 from gradfuse.state_dict import LoadResult, check_state
 
 ONE_DISPATCH_KERNELS = 8
@@ -61,27 +61,48 @@ class CompiledModel:
         # f32 arrays for f64 inputs are widened (exact); the runtime refuses the other way (lossy)
         self._widen = {n for n, t in {**self.inputs, **self.targets}.items() if t.dtype is DType.f64}
 
-    def predict(self, *inputs: np.ndarray) -> np.ndarray:
-        """The model's output for a batch (inference mode): one array per input."""
-        return self._run(self.predict_program, self._inputs(self.inputs, inputs))[0]
+    def predict(self, *inputs: np.ndarray, **named: np.ndarray) -> np.ndarray:
+        """The model's output for a batch (inference mode): one array per input, by position in
+        the order of ``inputs`` or by name (``predict(x=..., mask=...)``), or both (positions first)."""
+        return self._run(self.predict_program, self._inputs(self.inputs, inputs, named))[0]
 
-    def train_step(self, *arrays: np.ndarray, lr: float) -> float:
-        """One step of forward, backward and optimizer update on a batch; returns the loss."""
+    def train_step(self, *arrays: np.ndarray, lr: float, **named: np.ndarray) -> float:
+        """One step of forward, backward and optimizer update on a batch; returns the loss. The
+        inputs then the targets, by position or by name (``train_step(x=..., y=..., lr=0.1)``)."""
         if self.train_program is None:
             raise InputError(f"model {self.name} has no loss: pass loss=... to gradfuse.Model to train it")
-        feeds = self._inputs({**self.inputs, **self.targets}, arrays)
+        feeds = self._inputs({**self.inputs, **self.targets}, arrays, named)
         feeds["lr"] = np.asarray(lr, dtype=self._lr_dtype)
         return float(self._run(self.train_program, feeds)[0])
 
-    def _inputs(self, names, arrays) -> dict[str, np.ndarray]:
-        if len(arrays) != len(names):
-            raise InputError(f"expected {len(names)} array(s) ({', '.join(names)}), got {len(arrays)}")
-        feeds = dict(zip(names, arrays, strict=True))
+    def _inputs(self, names, arrays, named=None) -> dict[str, np.ndarray]:
+        """The feeds by name from arrays given by position (in the order of ``names``) and by name."""
+        if not named and len(arrays) == len(names):  # the common case, on the path of every call
+            feeds = dict(zip(names, arrays, strict=True))
+        else:
+            feeds = self._named_inputs(list(names), arrays, named or {})
         for name in self._widen.intersection(feeds):
             a = feeds[name]
             if isinstance(a, np.ndarray) and a.dtype == np.float32:
                 feeds[name] = a.astype(np.float64)
         return feeds
+
+    def _named_inputs(self, names: list[str], arrays, named) -> dict[str, np.ndarray]:
+        expected = ", ".join(names) or "no arrays"
+        if len(arrays) > len(names) or not named:
+            raise InputError(f"model {self.name}: expected {len(names)} array(s) ({expected}), got {len(arrays)}")
+        unknown = [k for k in named if k not in names]
+        if unknown:
+            raise InputError(f"model {self.name}: unknown input {', '.join(map(repr, unknown))} (it takes {expected})")
+        twice = [k for k in names[:len(arrays)] if k in named]
+        if twice:
+            raise InputError(f"model {self.name}: {', '.join(map(repr, twice))} given by position and by name")
+        feeds = {**dict(zip(names, arrays, strict=False)), **named}
+        missing = [k for k in names if k not in feeds]
+        if missing:
+            raise InputError(f"model {self.name}: missing input {', '.join(map(repr, missing))} "
+                             f"(it takes {len(names)} array(s): {expected})")
+        return {k: feeds[k] for k in names}
 
     def _run(self, program: Program, feeds: dict) -> list[np.ndarray]:
         feeds = {**self.weights, **feeds}  # the program looks up the parameters and state it takes
@@ -150,13 +171,11 @@ def compile(model: Model, optimizer: SGD | Adam | None = None, cache_dir: str = 
     weights = {k: np.ascontiguousarray(v) for k, v in model.initial_values(dt).items()}
     train = None
     optimizer = optimizer or SGD()
-    if model.loss is not None:
-        step = training_step(model, optimizer)
-        step_graph = precise(step.graph)
-        train = Program.compile(cached_pipeline(step_graph, pipeline, cache_dir), cache_dir)
-        weights.update({k: v.astype(dt.np) if dt is not None and v.dtype.kind == "f" else v
-                        for k, v in step.new_state.items()})
-        _add_missing_state(step_graph, weights)
+    if model.loss is not None:  # the passes from the loss graph: autodiff, the optimizer, then the pipeline
+        step_graph = cached_pipeline(precise(model.trace(train=True, with_loss=True)),
+                                     f"{training_passes(optimizer)},{pipeline}", cache_dir)
+        train = Program.compile(step_graph, cache_dir)
+        _add_missing_state(step_graph, weights)  # optimizer state (momentum, moments, step) starts at zero
     _add_missing_state(forward, weights)
     loss = precise(trace_loss(model, traced.outputs[0].type)) if model.loss is not None else None
     return CompiledModel(model.name, signature(model.inputs), signature(model.targets), predict, train, weights,

@@ -75,16 +75,77 @@ def normalize_attr(op: str, name: str, kind: str, value: Any) -> Any:
     raise AssertionError(kind)
 
 
+ROLES = ("elementwise", "gemm", "reduction", "row", "opaque", "view", "immediate")
+
+
+@dataclass(frozen=True)
+class IndexCheck:
+    """Operand ``operand`` holds integer indices into a table of ``size(node)`` entries (labels
+    into classes, ids into rows): the runtime refuses out-of-range ones before any kernel reads
+    with them, since a kernel would read or write out of bounds."""
+
+    operand: int
+    size: Callable[[Any], int]
+    what: str  # "labels", "ids"
+
+    def operands(self, node) -> list:
+        return [node.inputs[self.operand]]
+
+    def run(self, node, arrays: Mapping, sizes: Mapping[str, int]) -> None:
+        from gradfuse.errors import InputError
+
+        a, size = arrays.get(node.inputs[self.operand].name), self.size(node)
+        if a is not None and a.size and (a.min() < 0 or a.max() >= size):
+            raise InputError(f"%{node.inputs[self.operand].name}: {self.what} must lie in [0, {size}), "
+                             f"got min {a.min()}, max {a.max()}")
+
+
+@dataclass(frozen=True)
+class RowsCheck:
+    """Statistics over the rows of operand ``operand`` (all axes but the last) need at least
+    ``rows`` of them: a batch of one has no variance to normalise with."""
+
+    operand: int
+    rows: int = 2
+
+    def operands(self, node) -> list:
+        return []
+
+    def run(self, node, arrays: Mapping, sizes: Mapping[str, int]) -> None:
+        import math
+
+        from gradfuse.errors import InputError
+
+        x = node.inputs[self.operand]
+        rows = math.prod(x.type.concrete(sizes)[:-1])
+        if rows < self.rows:
+            raise InputError(f"%{x.name}: {node.op} in training needs at least {self.rows} values per feature, "
+                             f"got {rows} (batch size 1? use a larger batch)")
+
+
 @dataclass(frozen=True)
 class OpDef:
-    """Everything about one op.
+    """Everything about one op, for every stage that asks.
 
     - ``infer(*types, **attrs)`` returns the result TensorType (or a tuple for several results)
       and raises :class:`~gradfuse.errors.ShapeError` for operands it cannot take.
     - ``ref(*arrays, **attrs)`` computes the result with numpy.
-    - ``vjp`` emits the backward as IR (filled in by the autodiff work); ``nondiff`` says why an
-      op has no gradient instead.
-    - ``lowering`` maps a backend name to what codegen needs (filled in by the codegen work).
+    - ``vjp`` emits the backward as IR; ``nondiff`` says why an op has no gradient instead.
+    - ``role``: how fusion treats it (one of ROLES; default from ``kind``: elementwise and source
+      ops are elementwise, reductions reductions, the rest opaque); ``immediate_scalar``: a
+      rank-0 result is an immediate (a literal in the code), not a buffer (``const``).
+    - ``lowering``: what codegen needs, shared by the backends: ``expr`` (elementwise: a scalar
+      expression template), ``combine``/``identity``/``finish`` (reductions: ``{a} + {b}``, ``0``
+      or ``lowest``, ``mean`` to divide by the count), ``template`` (structured ops: the name of
+      the kernel template a backend prints), ``row_axis`` (row ops: ``node -> axis``, default
+      the last), ``row_stat`` (the row statistic the template needs first: ``max`` or
+      ``mean``), ``row_result`` (``row``, or ``scalar``: one value accumulated over the rows).
+    - ``scalar_operands``: operand positions a structured kernel reads as one scalar (so a
+      constant may stay a literal there).
+    - ``checks``: what the runtime verifies of the arguments before launching (IndexCheck,
+      RowsCheck).
+    - ``aligned``: output k -> operand j that the op reads only at the index it writes of output
+      k (BatchNorm's running statistics): output k may take operand j's storage in place.
     """
 
     name: str
@@ -98,6 +159,22 @@ class OpDef:
     vjp: Callable[..., Any] | None = None
     nondiff: str | None = None
     lowering: Mapping[str, Any] = field(default_factory=dict)
+    role: str = ""
+    immediate_scalar: bool = False
+    scalar_operands: frozenset[int] = frozenset()
+    checks: tuple = ()
+    aligned: Mapping[int, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.role:
+            default = {"elementwise": "elementwise", "source": "elementwise", "reduction": "reduction"}
+            object.__setattr__(self, "role", default.get(self.kind, "opaque"))
+        assert self.role in ROLES, f"{self.name}: role {self.role!r}"
+
+    def row_axis(self, node) -> int:
+        """The axis a row op works along (softmax's ``axis``; classes, features: the last)."""
+        axis = self.lowering.get("row_axis")
+        return axis(node) if axis is not None else node.inputs[0].type.rank - 1
 
     def normalize_attrs(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
         unknown = set(attrs) - set(self.attrs)
@@ -141,6 +218,15 @@ def register(opdef: OpDef) -> OpDef:
     assert opdef.name not in _REGISTRY, f"op {opdef.name} registered twice"
     _REGISTRY[opdef.name] = opdef
     return opdef
+
+
+def role(node) -> str:
+    """How ``node`` takes part in fusion: one of ROLES (its op's ``role``, or ``immediate`` for a
+    rank-0 result of an op whose scalars are literals)."""
+    op = get_op(node.op)
+    if op.immediate_scalar and node.outputs[0].type.rank == 0:
+        return "immediate"
+    return op.role
 
 
 def get_op(name: str) -> OpDef:

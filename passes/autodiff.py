@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from gradfuse.errors import GradfuseError
 from gradfuse.ir.graph import Graph, GraphBuilder, Node, Value
 from gradfuse.ir.registry import get_op
 from gradfuse.ir.types import DType, TensorType
 
+from .manager import Pass, PassResult, register_pass
 from .simplify import eliminate_dead_code
 
 GRAD_PREFIX = "grad."
@@ -167,3 +169,35 @@ def differentiate(g: Graph, wrt: Sequence[str] | None = None, loss_index: int = 
                                for v in n.inputs if v in forward_values))
     return Gradients(joint, by_name[loss.name], grads, saved, tuple(independent))
 
+
+
+def gradients_of(joint: Graph) -> Gradients:
+    """The Gradients of a graph that :func:`differentiate` made, read off the graph itself (the
+    loss first among the outputs, each param's gradient an output named ``%grad.<param>``), so
+    a later pass needs nothing but the graph."""
+    outputs = {v.name: v for v in joint.outputs}
+    grads = {p.name: outputs[GRAD_PREFIX + p.name] for p in joint.params if GRAD_PREFIX + p.name in outputs}
+    producers = joint.producers()
+    independent = tuple(name for name, v in grads.items() if producers[v].op == "const"
+                        and (producers[v].note or "").startswith("the loss does not depend"))
+    forward = {v for n in joint.nodes if n.stage == "forward" for v in n.outputs} | set(joint.inputs)
+    saved = list(dict.fromkeys(v for n in joint.nodes if n.stage != "forward" for v in n.inputs if v in forward))
+    return Gradients(joint, joint.outputs[0], grads, saved, independent)
+
+
+@register_pass
+@dataclass(frozen=True)
+class Autodiff(Pass):
+    """Append the backward of the loss (output 0) with respect to every param; the gradients
+    join the outputs as ``%grad.<param>``."""
+
+    name: ClassVar[str] = "autodiff"
+
+    def run(self, graph: Graph) -> PassResult:
+        grads = differentiate(graph)
+        added = len(grads.graph.nodes) - len(graph.nodes)
+        report = (f"backward of %{grads.loss.name}: {added} nodes for the gradients of {len(grads.grads)} params; "
+                  f"it reads {len(grads.saved)} forward values ({', '.join('%' + v.name for v in grads.saved)})")
+        if grads.independent:
+            report += f"\nthe loss does not depend on {', '.join('%' + n for n in grads.independent)}"
+        return PassResult(grads.graph, report, grads)

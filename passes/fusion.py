@@ -19,30 +19,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from gradfuse.ir.graph import Graph, GraphBuilder, Node, Value
-from gradfuse.ir.registry import get_op
+from gradfuse.ir.registry import role
 
 from .manager import Pass, PassResult, register_pass
-
-ROW_OPS = {"softmax", "log_softmax", "softmax_cross_entropy", "softmax_cross_entropy_grad", "mse", "mse_grad",
-           "layer_norm", "layer_norm_grad", "batch_norm_train", "batch_norm_train_grad", "batch_norm_infer"}
-
-
-def role(n: Node) -> str:
-    """How a node takes part in fusion: immediate, view, elementwise, gemm, reduction, row, opaque."""
-    kind = get_op(n.op).kind
-    if n.op == "count" or (n.op == "const" and n.outputs[0].type.rank == 0):
-        return "immediate"
-    if n.op == "reshape":
-        return "view"
-    if kind in ("elementwise", "source"):
-        return "elementwise"
-    if n.op == "matmul":
-        return "gemm"
-    if kind == "reduction":
-        return "reduction"
-    if n.op in ROW_OPS:
-        return "row"
-    return "opaque"
 
 
 def materialized(n: Node) -> bool:
@@ -106,7 +85,14 @@ class Fuser:
             return "a GEMM runs in BLAS, which reads its operands from memory: no prologue"
         if r in ("reduction", "row"):
             if grp.anchor is not None and not self._same_rows(n, grp):
-                return (f"{n.op} reduces the output of {grp.anchor.op} %{grp.anchor.outputs[0].name}, which "
+                # what n reduces is its operand's producer in the group (an epilogue node, a later
+                # anchor), not necessarily the group's first anchor
+                p = next((p for v in n.inputs if (p := self.producer.get(v)) is not None
+                          and self.group_of.get(p) is grp), None)
+                if p is None:  # a sibling row op: it shares an input with the group, not a producer
+                    return (f"{n.op} cannot share the rows of %{n.inputs[0].name}: the kernel's {grp.anchor.op} "
+                            f"%{grp.anchor.outputs[0].name} is not a row op over them (an epilogue is elementwise)")
+                return (f"{n.op} reduces the output of {p.op} %{p.outputs[0].name}, which "
                         "ends the kernel: an epilogue is elementwise")
             if grp.prologue_space != n.inputs[0].type.shape:
                 return f"iteration spaces differ: the kernel runs over {_fmt(grp.prologue_space)}, {n.op} reads " \

@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gradfuse.ir.graph import Graph, GraphBuilder, Node, Value
+from gradfuse.ir.registry import get_op
+from gradfuse.ir.registry import role as _op_role
 from gradfuse.ir.types import TensorType
 
-from .fusion import role as _fusion_role
 from .manager import Pass, PassResult, register_pass
 
 ALIGN = 64  # bytes; every arena offset is a multiple
 MAX_TRIALS = 256  # schedules the search may try, at most (each costs one greedy ordering)
-# Operands a non-elementwise op reads only at the index of one of its outputs, (op, output) -> operand:
-# BatchNorm updates its running statistics elementwise, so they may be updated in place.
-ALIGNED_OPERANDS = {("batch_norm_train", 1): 3, ("batch_norm_train", 2): 4}
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ class UpdatePlan:
 @dataclass
 class MemoryPlan:
     graph: str
-    batch: int
+    batch: int | None  # the size every batch symbol is bound to; None where ``sizes`` differ
     steps: list[Step]
     values: dict[str, Placement]
     buffers: list[Buffer]
@@ -98,6 +97,7 @@ class MemoryPlan:
     lower_bound: int  # the most bytes of buffers live at any one step
     schedule: str = "graph order"
     considered: list[tuple[str, int, int]] = field(default_factory=list)  # (schedule, peak, updates in place)
+    sizes: dict[str, int] = field(default_factory=dict)  # the size of each batch symbol of the graph
 
     @property
     def in_place_updates(self) -> list[UpdatePlan]:
@@ -112,7 +112,9 @@ class MemoryPlan:
         def ratio(a: int, b: int) -> str:
             return f"{a / b:.2f}" if b else "-"
 
-        lines = [f"memory plan @{self.graph} (batch N={self.batch}): {len(self.steps)} steps, {self.schedule}",
+        bound = f"batch N={self.batch}" if self.batch is not None else \
+            "sizes " + ", ".join(f"{s}={n}" for s, n in sorted(self.sizes.items()))
+        lines = [f"memory plan @{self.graph} ({bound}): {len(self.steps)} steps, {self.schedule}",
                  f"  arena (peak)          {self.peak:>12,} B",
                  f"  max-live lower bound  {self.lower_bound:>12,} B   peak / bound = "
                  f"{ratio(self.peak, self.lower_bound)}",
@@ -145,9 +147,9 @@ _ROLES: weakref.WeakKeyDictionary[Node, str] = weakref.WeakKeyDictionary()
 
 
 def role(n: Node) -> str:
-    """fusion.role, remembered per node (the planner asks often)."""
+    """The node's fusion role (ir/registry.py), remembered per node (the planner asks often)."""
     if n not in _ROLES:
-        _ROLES[n] = _fusion_role(n)
+        _ROLES[n] = _op_role(n)
     return _ROLES[n]
 
 
@@ -174,10 +176,10 @@ def _step_name(nodes: tuple[Node, ...]) -> str:
 class _Values:
     """What the planner and the scheduler ask of the values of ``g`` run as ``steps``."""
 
-    def __init__(self, g: Graph, batch: int, steps: list[tuple[Node, ...]]):
+    def __init__(self, g: Graph, bindings: dict[str, int], steps: list[tuple[Node, ...]]):
         self.g = g
         self._nbytes: dict[Value, int] = {}
-        self.bindings = {s: batch for v in g.values() for s in v.type.symbols}
+        self.bindings = bindings  # one size per batch symbol
         self.unit_of = {n: i for i, u in enumerate(steps) for n in u}
         self.producer = g.producers()
         self.users = {v: [u for u in us if role(u) != "immediate"]  # immediates read shapes, not memory
@@ -221,9 +223,9 @@ class _Storage:
 
 
 class _Planner:
-    def __init__(self, g: Graph, batch: int, order: list[tuple[Node, ...]]):
-        self.g, self.batch, self.order = g, batch, order
-        self.facts = _Values(g, batch, order)
+    def __init__(self, g: Graph, bindings: dict[str, int], order: list[tuple[Node, ...]]):
+        self.g, self.bindings, self.order = g, bindings, order
+        self.facts = _Values(g, bindings, order)
         self.storage: dict[Value, _Storage] = {}
         self.placements: dict[str, Placement] = {}
         self.update_why: dict[Value, str] = {}
@@ -312,8 +314,8 @@ class _Planner:
 
     def descendants(self, m: Node, x: Value, step: tuple[Node, ...]) -> list[Node]:
         """Nodes of ``step`` computed from what ``m`` reads of ``x``."""
-        aligned = [v for k, v in enumerate(m.outputs)
-                   if (m.op, k) in ALIGNED_OPERANDS and m.inputs[ALIGNED_OPERANDS[m.op, k]] is x]
+        pairs = get_op(m.op).aligned  # output k read from operand j only at the index it writes
+        aligned = [v for k, v in enumerate(m.outputs) if k in pairs and m.inputs[pairs[k]] is x]
         outs = m.outputs if role(m) == "elementwise" else aligned
         inside, out, stack = set(step), [], list(outs)
         while stack:
@@ -353,7 +355,8 @@ class _Planner:
             else:
                 why = f"not in place: %{new.name} is {_kind_words(p)}; copied into %{old.name} at the end"
             updates.append(UpdatePlan(old.name, new.name, in_place, why))
-        return MemoryPlan(self.g.name, self.batch, steps, values, buffers, updates, peak, no_reuse, lower, name)
+        return MemoryPlan(self.g.name, None, steps, values, buffers, updates, peak, no_reuse, lower, name,
+                          sizes=dict(self.bindings))
 
 
 def _kind_words(p: Placement) -> str:
@@ -366,7 +369,7 @@ def _aligned(m: Node, y: Value, x: Value | None, writer: Node | None = None) -> 
     of ``y``: elementwise over ``y``'s shape with ``x`` not broadcast, or a declared aligned operand."""
     if writer is None or m is writer:
         for k, v in enumerate(m.outputs):
-            j = ALIGNED_OPERANDS.get((m.op, k))
+            j = get_op(m.op).aligned.get(k)
             if j is not None and m.inputs[j] is x and v is y:
                 return True
     if role(m) != "elementwise" or m.outputs[0].type.shape != y.type.shape:
@@ -416,9 +419,9 @@ class _Scheduler:
     the most), ties in graph order. Updates in ``keep`` get write-after-read edges: every reader
     of the argument runs before the step writing its new value, so the update can be in place."""
 
-    def __init__(self, g: Graph, batch: int, steps: list[tuple[Node, ...]]):
+    def __init__(self, g: Graph, bindings: dict[str, int], steps: list[tuple[Node, ...]]):
         self.g, self.steps = g, steps
-        f = self.facts = _Values(g, batch, steps)
+        f = self.facts = _Values(g, bindings, steps)
         self.deps: dict[int, set[int]] = {i: set() for i in range(len(steps))}
         for i, u in enumerate(steps):
             for n in u:
@@ -523,21 +526,35 @@ def _reaches(deps: dict[int, set[int]], a: int, b: int) -> bool:
     return False
 
 
-def plan_memory(g: Graph, batch: int = 256, reorder: bool = True) -> MemoryPlan:
+def symbol_sizes(g: Graph, batch: int = 256, sizes: Mapping[str, int] | None = None) -> dict[str, int]:
+    """The size of every batch symbol of ``g``: its entry in ``sizes``, else ``batch``."""
+    sizes = sizes or {}
+    return {s: int(sizes.get(s, batch)) for v in g.values() for s in sorted(v.type.symbols)}
+
+
+def plan_memory(g: Graph, batch: int = 256, reorder: bool = True, sizes: Mapping[str, int] | None = None
+                ) -> MemoryPlan:
     """Plan the memory of ``g`` at batch size ``batch``; ``plan.steps`` is the order to run.
+
+    ``sizes`` binds batch symbols one by one (``{"N": 32, "T": 128}``: a model with a batch and a
+    sequence dimension); a symbol it leaves out has size ``batch``.
 
     With ``reorder``, a memory-aware schedule keeping every update in place is tried besides the
     graph's order, then each update's write-after-read order is given up in turn where that
     shrinks the arena (an update out of place costs its size; the activation it kept alive, more).
     The smallest arena wins, then the most updates in place, then graph order."""
     steps = units(g)
+    bindings = symbol_sizes(g, batch, sizes)
+    common = set(bindings.values()) or {batch}
 
     def plan(order: list[int], name: str) -> MemoryPlan:
-        return _Planner(g, batch, [steps[i] for i in order]).plan(name)
+        p = _Planner(g, bindings, [steps[i] for i in order]).plan(name)
+        p.batch = next(iter(common)) if len(common) == 1 else None  # one size for every symbol: the batch
+        return p
 
     plans = [plan(list(range(len(steps))), "graph order")]
     if reorder:
-        sched = _Scheduler(g, batch, steps)
+        sched = _Scheduler(g, bindings, steps)
         updates = sched.constraining()
         war = sched.war_edges(updates)
         plans.append(plan(sched.order(updates, war)[0], "memory-aware order keeping updates in place"))

@@ -8,6 +8,7 @@ The learning rate is a graph input (``%lr: f32[]``) so schedules need no recompi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -15,7 +16,8 @@ from gradfuse.errors import GradfuseError
 from gradfuse.ir.graph import ArgKind, Graph, GraphBuilder, Value
 from gradfuse.ir.types import DType, TensorType
 
-from .autodiff import Gradients
+from .autodiff import Gradients, gradients_of
+from .manager import Pass, PassResult, register_pass
 
 
 @dataclass(frozen=True)
@@ -146,3 +148,38 @@ def add_optimizer(grads: Gradients, optimizer: SGD | Adam) -> TrainingStep:
     b.args.sort(key=lambda arg: list(ArgKind).index(arg[0]))  # inputs first, as users read signatures
     outputs = [grads.loss] + [v for v in g.outputs if v is not grads.loss and v not in grads.grads.values()]
     return TrainingStep(b.finish(outputs, updates), new_state, left_alone)
+
+
+@register_pass
+@dataclass(frozen=True)
+class OptimizerStep(Pass):
+    """Add the optimizer's update of every param to a graph that autodiff made: the graph becomes
+    one whole training step (``method`` sgd or adam, with that optimizer's options)."""
+
+    name: ClassVar[str] = "optimizer"
+    method: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    @classmethod
+    def of(cls, optimizer: SGD | Adam) -> OptimizerStep:
+        if isinstance(optimizer, Adam):
+            return cls("adam", 0.0, optimizer.weight_decay, optimizer.beta1, optimizer.beta2, optimizer.eps)
+        return cls("sgd", optimizer.momentum, optimizer.weight_decay)
+
+    def optimizer(self) -> SGD | Adam:
+        if self.method == "adam":
+            return Adam(self.beta1, self.beta2, self.eps, self.weight_decay)
+        if self.method != "sgd":
+            raise GradfuseError(f"optimizer: unknown method {self.method!r} (sgd or adam)")
+        return SGD(self.momentum, self.weight_decay)
+
+    def run(self, graph: Graph) -> PassResult:
+        step = add_optimizer(gradients_of(graph), self.optimizer())
+        report = f"{self.optimizer().describe()}: {len(step.graph.updates) - len(graph.updates)} updated arguments"
+        if step.left_alone:
+            report += f"; left alone (no gradient): {', '.join('%' + n for n in step.left_alone)}"
+        return PassResult(step.graph, report, step)

@@ -17,18 +17,19 @@ import numpy as np
 from gradfuse.errors import InputError
 from gradfuse.ir.graph import Graph, Value
 from gradfuse.ir.interpreter import Result, bind_arguments, concrete_attrs
-from gradfuse.ir.registry import get_op
+from gradfuse.ir.registry import get_op, role
 
-from .fusion import role
 from .memory import MemoryPlan
 
 
 def run_planned(g: Graph, plan: MemoryPlan, feeds: Mapping[str, np.ndarray]) -> Result:
     """Run ``g`` in ``plan``'s step order with its storage; ``feeds`` are copied, not modified."""
     bindings = bind_arguments(g, feeds)
-    wrong = {s: n for s, n in bindings.items() if n != plan.batch}
+    wrong = {s: n for s, n in bindings.items() if n != plan.sizes.get(s, plan.batch)}
     if wrong:
-        raise InputError(f"@{g.name}: the memory plan is for batch {plan.batch}, fed "
+        planned_for = f"batch {plan.batch}" if plan.batch is not None else \
+            ", ".join(f"{s}={plan.sizes[s]}" for s in sorted(plan.sizes))
+        raise InputError(f"@{g.name}: the memory plan is for {planned_for}, fed "
                          + ", ".join(f"{s}={n}" for s, n in wrong.items()))
     planned = [n for s in plan.steps for n in s.nodes]
     assert len(planned) == len(g.nodes) and set(planned) == set(g.nodes), "the plan is for another graph"

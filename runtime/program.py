@@ -22,9 +22,8 @@ from gradfuse.codegen.kernel_ir import KernelProgram, lower
 from gradfuse.errors import InputError, NumericError
 from gradfuse.files import CACHE, atomic_file
 from gradfuse.ir.graph import ArgKind, Graph
+from gradfuse.ir.registry import get_op
 
-INDEXING_OPS = {"softmax_cross_entropy", "softmax_cross_entropy_grad", "embedding", "embedding_grad",
-                "batch_norm_train"}  # ops whose inputs are checked beyond dtype and shape (below)
 DEFAULT_CACHE = os.environ.get("GRADFUSE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gradfuse"))
 
 
@@ -95,7 +94,8 @@ class Program:
         self._fast_signature = [
             (v.name, dtype, len(shape), shape, None if any(isinstance(d, str) for d in shape) else tuple(shape),
              kind is not ArgKind.input) for kind, v, dtype, shape in self._signature]
-        self._index_checks = any(n.op in INDEXING_OPS for n in self.graph.nodes)
+        self._checks = [(n, c) for n in self.graph.nodes for c in get_op(n.op).checks]  # see _check_indices
+        self._index_checks = bool(self._checks)
         self._launches: dict[tuple, _Launch] = {}
         self._arg_names = [v.name for _, v in self.graph.args]
         seen: dict[str, tuple[int, int]] = {}  # batch symbol -> (argument, axis) it is read from
@@ -185,33 +185,17 @@ class Program:
         return sizes, arrays
 
     def _check_indices(self, by_name: dict[str, np.ndarray], sizes: dict[str, int]) -> None:
-        """Labels and ids index tables in kernels: refuse out-of-range ones before launching (a
-        kernel would read or write out of bounds); and batch statistics need two rows."""
-        for n in self.graph.nodes:
-            if n.op in ("softmax_cross_entropy", "softmax_cross_entropy_grad"):
-                ids, size, what = n.inputs[1], n.inputs[0].type.shape[-1], "labels"
-            elif n.op == "embedding":
-                ids, size, what = n.inputs[1], n.inputs[0].type.shape[0], "ids"
-            elif n.op == "embedding_grad":
-                ids, size, what = n.inputs[0], n.attrs["rows"], "ids"
-            elif n.op == "batch_norm_train":
-                x = n.inputs[0]
-                rows = int(np.prod(x.type.concrete(sizes)[:-1]))
-                if rows < 2:
-                    raise InputError(f"%{x.name}: BatchNorm in training needs at least 2 values per feature, "
-                                     f"got {rows} (batch size 1? use a larger batch)")
-                continue
-            else:
-                continue
-            a = by_name.get(ids.name)
-            if a is not None and a.size and (a.min() < 0 or a.max() >= size):
-                raise InputError(f"%{ids.name}: {what} must lie in [0, {size}), got min {a.min()}, max {a.max()}")
+        """What kernels assume of the arguments beyond dtype and shape, from the ops' records
+        (``OpDef.checks``): labels and ids that index tables lie in range (a kernel would read or
+        write out of bounds), batch statistics have two rows."""
+        for n, check in self._checks:
+            check.run(n, by_name, sizes)
 
     def memory_plan(self, sizes: dict[str, int]):
         """The memory plan for these batch sizes, in the program's own schedule."""
         from gradfuse.passes.memory import plan_memory
 
-        return plan_memory(self.graph, batch=max(sizes.values(), default=1), reorder=False)
+        return plan_memory(self.graph, sizes=sizes, reorder=False)
 
     def buffers(self, sizes: dict[str, int]) -> list[np.ndarray | int]:
         """Storage for every buffer of the schedule at these batch sizes: views into one arena
@@ -323,7 +307,6 @@ class Program:
         an infinity; the error names the kernel and the op and source line inside it that
         produced it first (found by replaying the kernel's nodes with the reference ops)."""
         from gradfuse.codegen.cpu import KernelPrinter, Writer, update_in_gemm
-        from gradfuse.ir.registry import get_op
 
         sizes, arrays = self.bind(feeds)
         updated = {old for old, new in self.graph.updates if new is not old}

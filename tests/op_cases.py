@@ -197,6 +197,10 @@ CASES: dict[str, list[OpCase]] = {
         case(value=2.0, dtype="f64", shape=["N", 3]),
         case(value=-3, dtype="i32", shape=[2, 2]),
         case(value=1, dtype="bool", shape=[3]),
+        # non-finite values, a scalar literal and a filled tensor (an attention mask's -inf)
+        case(value=float("-inf")),
+        case(value=float("inf"), dtype="f64", shape=["N", 2]),
+        case(value=float("nan"), shape=[3]),
     ],
     # linear algebra
     "matmul": [
@@ -351,6 +355,29 @@ def feeds_for(g: Graph, c: OpCase, bindings: Mapping[str, int] | None = None,
         if v.name not in feeds:
             feeds[v.name] = np.zeros(v.type.concrete(dict(bindings or {})), dtype=v.type.dtype.np)
     return feeds
+
+
+# ---- non-finite inputs: the variant of every float case -------------------------------------
+NONFINITE = (np.inf, -np.inf, np.nan)
+
+
+def has_float_operand(c: OpCase) -> bool:
+    return any(t.dtype.is_float for t in c.types)
+
+
+def with_nonfinite(arrays: list[np.ndarray], rng: np.random.Generator, shift: int = 0) -> list[np.ndarray]:
+    """Copies of ``arrays`` with a few elements of every float array replaced by +inf, -inf and
+    NaN (all three where it has 3 elements or more; a smaller one gets the first of them after
+    rotating by ``shift``, so that the cases of an op between them see each)."""
+    out = []
+    for j, a in enumerate(arrays):
+        a = a.copy()
+        if a.dtype.kind == "f" and a.size:
+            at = rng.choice(a.size, size=min(3, a.size), replace=False)
+            values = NONFINITE[(shift + j) % 3:] + NONFINITE[:(shift + j) % 3]
+            a.reshape(-1)[at] = values[:len(at)]
+        out.append(a)
+    return out
 
 
 # ---- a confident model's logits (cross-entropy accuracy) -------------------------------------

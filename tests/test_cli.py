@@ -58,7 +58,9 @@ def test_fused_stage_explains_and_dumps_every_pass(capsys, tmp_path):
     assert code == 0
     assert "kernel @k0 {" in out and "# fusion report (batch N=256): 30 kernels -> 8" in out
     assert "# passes:" in out
-    assert sorted(os.listdir(tmp_path))[:2] == ["00-input.gfir", "01-simplify.gfir"]
+    assert sorted(os.listdir(tmp_path))[:5] == ["00-input.gfir", "01-autodiff.gfir", "01-autodiff.txt",
+                                                "02-optimizer.gfir", "02-optimizer.txt"]  # from the loss graph
+    assert "backward of %loss: 10 nodes for the gradients of 4 params" in out
 
 
 @pytest.mark.parametrize(("source", "message"), [

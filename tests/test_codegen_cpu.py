@@ -17,7 +17,17 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from op_cases import CASES, CONFIDENT, SYMBOL_SIZES, bindings_for, confident_logits, cross_entropy_f64, make_inputs
+from op_cases import (
+    CASES,
+    CONFIDENT,
+    SYMBOL_SIZES,
+    bindings_for,
+    confident_logits,
+    cross_entropy_f64,
+    has_float_operand,
+    make_inputs,
+    with_nonfinite,
+)
 from scipy import special
 from strategies import graphs, random_feeds
 
@@ -32,8 +42,8 @@ from gradfuse.ir.types import DType, TensorType
 from gradfuse.passes.fusion import fuse
 from gradfuse.passes.manager import run_pipeline
 from gradfuse.passes.optimizer import SGD, Adam
-from gradfuse.passes.training import training_step
 from gradfuse.runtime.program import Program
+from gradfuse.stages import training_step
 
 
 def run_both(g: Graph, prog: Program, feeds: dict) -> tuple[Result, list[np.ndarray], dict]:
@@ -64,7 +74,7 @@ def assert_matches(got: np.ndarray, want: np.ndarray, op: str, what: str) -> Non
         np.testing.assert_array_equal(got, want, err_msg=what)
         return
     rtol, atol = LOOSER.get((op, dtype), TOLERANCE[dtype])
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, equal_nan=True, err_msg=what)
 
 
 # ---- 1. every op, every case of the op table, one compile -------------------------------------
@@ -83,10 +93,14 @@ def table_graph() -> tuple[Graph, dict[tuple[str, int], tuple[Value, ...]]]:
     return b.finish([v for vs in outs.values() for v in vs]), outs
 
 
-def table_feeds(n: int) -> dict[str, np.ndarray]:
+def table_feeds(n: int, nonfinite: bool = False) -> dict[str, np.ndarray]:
+    """The cases' inputs at N=n; with ``nonfinite``, a few elements of every float operand are
+    +inf, -inf and NaN (op_cases.with_nonfinite)."""
     feeds = {"_N": np.zeros(n, np.float32)}
     for op, i, c in TABLE:
         arrays = make_inputs(c, {"N": n}, np.random.default_rng(i))
+        if nonfinite and has_float_operand(c):
+            arrays = with_nonfinite(arrays, np.random.default_rng(1000 + i), shift=i)
         feeds.update({f"{op}.{i}.x{j}": a for j, a in enumerate(arrays)})
     return feeds
 
@@ -125,11 +139,48 @@ def test_op_lowering_matches_the_interpreter(op_table, op, index, n):
         assert_matches(got, want, op, f"{op} case {index} at N={n}: %{v.name}")
 
 
+@pytest.fixture(scope="module")
+def op_table_nonfinite(op_table) -> dict[int, dict[Value, tuple[np.ndarray, np.ndarray]]]:
+    """The op table's program (compiled once, for op_table) run again on inputs holding +inf,
+    -inf and NaN; the reference's warnings on them (overflow, invalid) are expected."""
+    values = {}
+    for n in SYMBOL_SIZES:
+        with np.errstate(all="ignore"):
+            ref, got, _ = run_both(op_table.graph, op_table.program, table_feeds(n, nonfinite=True))
+        values[n] = {v: (want, out) for v, want, out in zip(op_table.graph.outputs, ref.outputs, got, strict=True)}
+    return values
+
+
+@pytest.mark.parametrize(("op", "index", "n"), [p for p in _table_params()
+                                                if has_float_operand(CASES[p.values[0]][p.values[1]])])
+def test_op_lowering_matches_the_interpreter_on_inf_and_nan(op_table, op_table_nonfinite, op, index, n):
+    """Every float case again, a few elements of each float operand +inf, -inf and NaN: the
+    kernels give what numpy gives (NaN where numpy's is NaN, the same infinities)."""
+    for v in op_table.outputs[op, index]:
+        want, got = op_table_nonfinite[n][v]
+        assert_matches(got, want, op, f"{op} case {index} at N={n} with inf/NaN inputs: %{v.name}")
+
+
 def test_every_registered_op_is_lowered(op_table):
     """Each op runs in a kernel of its own, except reshape: a view in the step function."""
     in_kernels = {nd.op for k in op_table.program.kernels.kernels for nd in k.nodes}
     assert in_kernels | {"reshape"} == set(all_ops())
     assert all(len(k.nodes) == 1 for k in op_table.program.kernels.kernels)
+
+
+def test_every_op_record_says_how_each_backend_lowers_it():
+    """From the records alone (no kernel printed): every op has a fusion role, and what its role
+    needs on every registered backend: a scalar expression, a combine and identity, or a template
+    the backend knows. A fake op without them is caught."""
+    from gradfuse.codegen.cpu import missing_lowering
+    from gradfuse.ir.registry import ROLES, OpDef
+
+    missing = {name: why for name, op in all_ops().items() if (why := missing_lowering(op))}
+    assert missing == {}
+    assert all(op.role in ROLES for op in all_ops().values())
+    fakes = [OpDef("fake", "structured", None, None, 1, role="row", lowering={"template": "nowhere"}),
+             OpDef("fake", "elementwise", None, None, 1), OpDef("fake", "reduction", None, None, 1)]
+    assert all(missing_lowering(op) for op in fakes)
 
 
 def test_dropout_mask_is_the_reference_mask_exactly(op_table):

@@ -9,7 +9,7 @@ import gradfuse as gf
 from gradfuse.errors import GradfuseError, InputError
 from gradfuse.ir.graph import ArgKind
 from gradfuse.passes.precision import with_float
-from gradfuse.passes.training import training_step
+from gradfuse.stages import training_step
 
 EXAMPLES = ["digits_mlp", "residual_mlp", "digits_attention"]
 TOL = 1e-10  # relative to the largest magnitude; measured: ~1e-15

@@ -7,9 +7,10 @@ from strategies import graphs, random_feeds
 
 import gradfuse as gf
 from gradfuse.ir.parser import parse_graph
-from gradfuse.passes.fusion import fuse, kernels, role
+from gradfuse.ir.registry import role
+from gradfuse.passes.fusion import fuse, kernels
 from gradfuse.passes.optimizer import SGD, Adam
-from gradfuse.passes.training import training_step
+from gradfuse.stages import training_step
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from gradfuse.passes.manager import run_pipeline
 from gradfuse.passes.memory import ALIGN, MemoryPlan, plan_memory, scheduled
 from gradfuse.passes.optimizer import SGD, Adam
 from gradfuse.passes.planned import run_planned
-from gradfuse.passes.training import training_step
+from gradfuse.stages import training_step
 
 BATCH = 256
 

@@ -11,7 +11,7 @@ from gradfuse import nn
 from gradfuse.ir.graph import Graph
 from gradfuse.ir.parser import parse_graph
 from gradfuse.passes.optimizer import SGD, Adam
-from gradfuse.passes.training import backward, training_step
+from gradfuse.stages import backward, training_step
 
 
 class MLP(nn.Module):

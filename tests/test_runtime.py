@@ -7,7 +7,7 @@ import pytest
 import gradfuse as gf
 from gradfuse.errors import InputError, NumericError
 from gradfuse.passes.optimizer import SGD
-from gradfuse.passes.training import training_step
+from gradfuse.stages import training_step
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from gradfuse.passes.simplify import (
     FoldConstants,
     Simplify,
 )
-from gradfuse.passes.training import training_step
+from gradfuse.stages import training_step
 
 PASSES = {p.name: p for p in (DeadCodeElimination(), CommonSubexpressionElimination(), FoldConstants(), Algebra(),
                               Simplify())}

@@ -10,7 +10,7 @@ from gradfuse.gradcheck import gradcheck
 from gradfuse.ir.parser import parse_graph
 from gradfuse.passes.autodiff import differentiate
 from gradfuse.passes.optimizer import SGD, Adam
-from gradfuse.passes.training import backward, training_step
+from gradfuse.stages import backward, training_step
 
 
 @pytest.fixture(scope="module")

@@ -111,9 +111,12 @@ sub = _binary("sub", np.subtract, "({0} - {1})", doc="a - b", vjp=_sub_vjp)
 mul = _binary("mul", np.multiply, "({0} * {1})", doc="a * b", vjp=_mul_vjp)
 div = _binary("div", np.divide, "({0} / {1})", allowed=FLOATS, doc="a / b (floats)", vjp=_div_vjp)
 pow = _binary("pow", np.power, "({0} ** {1})", allowed=FLOATS, doc="a ** b (floats)", vjp=_pow_vjp)
-maximum = _binary("maximum", np.maximum, "max({0}, {1})", doc="elementwise max; the gradient goes to a where a >= b",
+# NaN in either operand gives NaN, as in numpy (Python's max(a, b) keeps a when b is NaN)
+maximum = _binary("maximum", np.maximum, "({0} if {0} > {1} or {0} != {0} else {1})",
+                  doc="elementwise max; the gradient goes to a where a >= b",
                   vjp=_select_vjp("ge", "a >= b"))
-minimum = _binary("minimum", np.minimum, "min({0}, {1})", doc="elementwise min; the gradient goes to a where a <= b",
+minimum = _binary("minimum", np.minimum, "({0} if {0} < {1} or {0} != {0} else {1})",
+                  doc="elementwise min; the gradient goes to a where a <= b",
                   vjp=_select_vjp("le", "a <= b"))
 
 # ---- comparisons and logic (piecewise constant: no gradient) -----------------------------
@@ -221,7 +224,12 @@ _unary("abs", np.abs, "abs({0})", allowed=NUMERIC, doc="|x|", vjp=_abs_vjp)
 _unary("exp", np.exp, "fast_exp({0})", doc="e^x", vjp=_exp_vjp)
 _unary("log", np.log, "math.log({0})", doc="natural logarithm", vjp=_log_vjp)
 _unary("sqrt", np.sqrt, "math.sqrt({0})", doc="square root", vjp=_sqrt_vjp)
-_unary("rsqrt", lambda x: 1.0 / np.sqrt(x), "({F}(1.0) / math.sqrt({0}))", doc="1 / sqrt(x)", vjp=_rsqrt_vjp)
+# 1 / sqrt(x) under fast-math 'arcp' becomes LLVM's rsqrt estimate and a Newton step: NaN at ±0 and
+# inf (inf * 0), -inf at denormals (scalar rsqrtss reads them as 0). abs() hides the sqrt from that
+# rewrite (a true division, ~2x the time, correctly rounded); ±0 gives ±inf as numpy does.
+_unary("rsqrt", lambda x: 1.0 / np.sqrt(x),
+       "({F}(1.0) / abs(math.sqrt({0})) if {0} != {F}(0.0) else {F}(1.0) / {0})",
+       doc="1 / sqrt(x)", vjp=_rsqrt_vjp)
 _unary("tanh", np.tanh, "fast_tanh({0})", doc="hyperbolic tangent", vjp=_tanh_vjp)
 def _erf(x):
     from scipy import special  # here, not at import: scipy.special takes ~0.15 s to import
@@ -326,4 +334,4 @@ def _const_ref(*, value: float, dtype: DType, shape):
 register(OpDef("const", "source", _const_infer, _const_ref, arity=0,
                attrs={"value": Attr("float"), "dtype": Attr("dtype", DType.f32), "shape": Attr("dims", ())},
                doc="a tensor filled with one value", nondiff="a constant has no inputs",
-               lowering={"expr": "{OUT}({value})"}))
+               lowering={"expr": "{OUT}({value})"}, immediate_scalar=True))

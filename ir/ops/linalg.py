@@ -64,4 +64,4 @@ def _matmul_vjp(ctx, g):
 register(OpDef("matmul", "structured", _matmul_infer, _matmul_ref, arity=2,
                attrs={"transpose_a": Attr("bool", False), "transpose_b": Attr("bool", False)},
                doc="a @ b over the last two axes (optionally transposed); leading axes broadcast",
-               vjp=_matmul_vjp))
+               vjp=_matmul_vjp, role="gemm", lowering={"template": "gemm"}))

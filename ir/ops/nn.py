@@ -10,7 +10,7 @@ import numpy as np
 
 from gradfuse.errors import InputError, ShapeError
 
-from ..registry import Attr, OpDef, register
+from ..registry import Attr, IndexCheck, OpDef, RowsCheck, register
 from ..types import DType, TensorType
 from .common import FLOATS, check_axis, require_dtype, require_rank, same_dtype
 
@@ -48,12 +48,18 @@ def _log_softmax_vjp(ctx, g):
     return [ctx.emit("sub", g, ctx.emit("mul", p, total, rule="softmax(x) Σ g"), rule="g - softmax(x) Σ g")]
 
 
+def _attr_axis(node) -> int:
+    return node.attrs["axis"]
+
+
 register(OpDef("softmax", "structured", _softmax_infer("softmax"),
                lambda x, *, axis: np.exp(log_softmax_ref(x, axis)).astype(x.dtype), arity=1,
-               attrs={"axis": Attr("int")}, doc="exp(x) / sum(exp(x)) along axis", vjp=_softmax_vjp))
+               attrs={"axis": Attr("int")}, doc="exp(x) / sum(exp(x)) along axis", vjp=_softmax_vjp,
+               role="row", lowering={"template": "softmax_rows", "row_axis": _attr_axis, "row_stat": "max"}))
 register(OpDef("log_softmax", "structured", _softmax_infer("log_softmax"),
                lambda x, *, axis: log_softmax_ref(x, axis).astype(x.dtype), arity=1,
-               attrs={"axis": Attr("int")}, doc="x - logsumexp(x) along axis", vjp=_log_softmax_vjp))
+               attrs={"axis": Attr("int")}, doc="x - logsumexp(x) along axis", vjp=_log_softmax_vjp,
+               role="row", lowering={"template": "log_softmax_rows", "row_axis": _attr_axis, "row_stat": "max"}))
 
 
 # ---- losses (mean over every example) ----------------------------------------------------
@@ -112,13 +118,18 @@ def xent_grad_ref(logits, labels, g):
     return (p * (g / max(labels.size, 1))).astype(logits.dtype)
 
 
+_LABELS = IndexCheck(1, lambda node: node.inputs[0].type.shape[-1], "labels")  # class indices into the logits
 register(OpDef("softmax_cross_entropy", "structured", _xent_infer, xent_ref, arity=2,
                doc="mean over rows of -log softmax(logits)[label]; labels are integer classes",
                vjp=lambda ctx, g: [ctx.emit("softmax_cross_entropy_grad", *ctx.inputs, g,
-                                            rule="(softmax(z) - onehot(y)) / n"), None]))
+                                            rule="(softmax(z) - onehot(y)) / n"), None],
+               role="row", lowering={"template": "xent_rows", "row_stat": "max", "row_result": "scalar"},
+               checks=(_LABELS,)))
 register(OpDef("softmax_cross_entropy_grad", "structured", _xent_grad_infer, xent_grad_ref, arity=3,
                doc="g * (softmax(logits) - onehot(labels)) / rows: the closed-form backward of "
-                   "softmax_cross_entropy", nondiff=_BACKWARD_OP))
+                   "softmax_cross_entropy", nondiff=_BACKWARD_OP,
+               role="row", lowering={"template": "xent_grad_rows", "row_stat": "max"}, scalar_operands=frozenset({2}),
+               checks=(_LABELS,)))
 
 
 def _mse_infer(pred: TensorType, target: TensorType) -> TensorType:
@@ -142,10 +153,12 @@ def _mse_grad_infer(p, t, g):
 
 register(OpDef("mse", "structured", _mse_infer,
                lambda p, t: np.asarray(np.mean((p - t) ** 2), dtype=p.dtype), arity=2,
-               doc="mean over every element of (pred - target)^2", vjp=_mse_vjp))
+               doc="mean over every element of (pred - target)^2", vjp=_mse_vjp,
+               role="row", lowering={"template": "mse_total"}))
 register(OpDef("mse_grad", "structured", _mse_grad_infer,
                lambda p, t, g: (2.0 * (p - t) * (g / max(p.size, 1))).astype(p.dtype), arity=3,
-               doc="g * 2 (pred - target) / n: the closed-form backward of mse", nondiff=_BACKWARD_OP))
+               doc="g * 2 (pred - target) / n: the closed-form backward of mse", nondiff=_BACKWARD_OP,
+               role="row", lowering={"template": "mse_grad_total"}, scalar_operands=frozenset({2})))
 
 
 # ---- normalisation -----------------------------------------------------------------------
@@ -243,11 +256,13 @@ _NORM_GRAD_OUTPUTS = ("dx", "dgamma", "dbeta")
 register(OpDef("layer_norm", "structured", _layer_norm_infer, layer_norm_ref, arity=3,
                attrs={"eps": Attr("float", 1e-5)},
                doc="normalise over the last axis to zero mean and unit variance, then scale and shift",
-               vjp=_norm_vjp("layer_norm_grad", "dx = (dx̂ - mean(dx̂) - x̂ mean(dx̂ x̂)) / σ, dγ = Σ g x̂, dβ = Σ g")))
+               vjp=_norm_vjp("layer_norm_grad", "dx = (dx̂ - mean(dx̂) - x̂ mean(dx̂ x̂)) / σ, dγ = Σ g x̂, dβ = Σ g"),
+               role="row", lowering={"template": "layer_norm_rows", "row_stat": "mean"}))
 register(OpDef("layer_norm_grad", "structured", _norm_grad_infer("layer_norm_grad"),
                lambda x, gamma, g, *, eps: norm_grad_ref(x, gamma, g, eps, (-1,)), arity=3,
                attrs={"eps": Attr("float", 1e-5)}, output_names=_NORM_GRAD_OUTPUTS,
-               doc="the backward of layer_norm: (dx, dgamma, dbeta)", nondiff=_BACKWARD_OP))
+               doc="the backward of layer_norm: (dx, dgamma, dbeta)", nondiff=_BACKWARD_OP,
+               role="row", lowering={"template": "norm_grad_rows"}))
 
 
 def _batch_norm_check(op, x, gamma, beta, mean, var):
@@ -281,12 +296,13 @@ register(OpDef("batch_norm_train", "structured", _bn_train_infer, bn_train_ref, 
                output_names=("out", "running_mean", "running_var"),
                doc="normalise each feature (last axis) with the batch's mean and variance; also returns "
                    "the running statistics updated with momentum (unbiased variance, as PyTorch)",
-               vjp=_bn_train_vjp))
+               vjp=_bn_train_vjp, role="row", lowering={"template": "batch_norm_columns"},
+               checks=(RowsCheck(0),), aligned={1: 3, 2: 4}))
 register(OpDef("batch_norm_train_grad", "structured", _norm_grad_infer("batch_norm_train_grad"),
                lambda x, gamma, g, *, eps: norm_grad_ref(x, gamma, g, eps, tuple(range(x.ndim - 1))), arity=3,
                attrs={"eps": Attr("float", 1e-5)}, output_names=_NORM_GRAD_OUTPUTS,
                doc="the backward of batch_norm_train through the batch statistics: (dx, dgamma, dbeta)",
-               nondiff=_BACKWARD_OP))
+               nondiff=_BACKWARD_OP, role="row", lowering={"template": "norm_grad_columns"}))
 
 
 def _bn_infer_infer(x, gamma, beta, mean, var, *, eps: float):
@@ -324,7 +340,8 @@ def _bn_infer_vjp(ctx, g):
 register(OpDef("batch_norm_infer", "structured", _bn_infer_infer,
                lambda x, g, b, m, v, *, eps: ((x - m) / np.sqrt(v + eps) * g + b).astype(x.dtype), arity=5,
                attrs={"eps": Attr("float", 1e-5)},
-               doc="normalise each feature with the running statistics (inference mode)", vjp=_bn_infer_vjp))
+               doc="normalise each feature with the running statistics (inference mode)", vjp=_bn_infer_vjp,
+               role="row", lowering={"template": "batch_norm_infer_columns"}))
 
 
 # ---- lookup ------------------------------------------------------------------------------
@@ -347,7 +364,9 @@ def _embedding_vjp(ctx, g):
 
 
 register(OpDef("embedding", "structured", _embedding_infer, embedding_ref, arity=2,
-               doc="rows of table picked by integer ids: out[..., :] = table[ids[...], :]", vjp=_embedding_vjp))
+               doc="rows of table picked by integer ids: out[..., :] = table[ids[...], :]", vjp=_embedding_vjp,
+               lowering={"template": "gather_rows"},
+               checks=(IndexCheck(1, lambda node: node.inputs[0].type.shape[0], "ids"),)))
 
 
 def _embedding_grad_infer(ids: TensorType, g: TensorType, *, rows: int) -> TensorType:
@@ -370,4 +389,6 @@ def embedding_grad_ref(ids, g, *, rows: int):
 
 register(OpDef("embedding_grad", "structured", _embedding_grad_infer, embedding_grad_ref, arity=2,
                attrs={"rows": Attr("int")}, doc="the backward of embedding: rows of g summed into a zero table "
-                                                "at ids (scatter-add)", nondiff=_BACKWARD_OP))
+                                                "at ids (scatter-add)", nondiff=_BACKWARD_OP,
+               lowering={"template": "scatter_add_rows"},
+               checks=(IndexCheck(0, lambda node: node.attrs["rows"], "ids"),)))

@@ -17,7 +17,7 @@ def reduced_shape(t: TensorType, axes, keepdims: bool):
     return tuple(d for i, d in enumerate(t.shape) if i not in axes)
 
 
-def _reduction(name: str, fn, allowed, doc: str, vjp) -> OpDef:
+def _reduction(name: str, fn, allowed, doc: str, vjp, lowering) -> OpDef:
     def infer(x: TensorType, *, axes, keepdims) -> TensorType:
         same_dtype(name, x, allowed=allowed)
         check_axes(name, x, axes)
@@ -26,7 +26,7 @@ def _reduction(name: str, fn, allowed, doc: str, vjp) -> OpDef:
     def ref(x, *, axes, keepdims):
         return np.asarray(fn(x, axis=axes, keepdims=keepdims)).astype(x.dtype, copy=False)
 
-    return register(OpDef(name, "reduction", infer, ref, arity=1, attrs=_ATTRS, doc=doc, vjp=vjp))
+    return register(OpDef(name, "reduction", infer, ref, arity=1, attrs=_ATTRS, doc=doc, vjp=vjp, lowering=lowering))
 
 
 def _sum_vjp(ctx, g):
@@ -56,9 +56,18 @@ def _max_vjp(ctx, g):
                      rule="g / k at each of the k maximal elements")]
 
 
-_reduction("sum", np.sum, NUMERIC, "sum over axes", _sum_vjp)
-_reduction("mean", np.mean, FLOATS, "arithmetic mean over axes", _mean_vjp)
-_reduction("max", np.max, NUMERIC, "maximum over axes; tied maximal elements share the gradient evenly", _max_vjp)
+def _max(x, *, axis, keepdims):
+    """np.max from the identity (``initial``): -inf for floats, the dtype's least for ints, which
+    is also what a reduction over no elements (an empty axis) gives, as the kernels compute it."""
+    lowest = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+    return np.max(x, axis=axis, keepdims=keepdims, initial=lowest)
+
+
+_SUM = {"combine": "{a} + {b}", "identity": "0"}
+_reduction("sum", np.sum, NUMERIC, "sum over axes", _sum_vjp, _SUM)
+_reduction("mean", np.mean, FLOATS, "arithmetic mean over axes", _mean_vjp, {**_SUM, "finish": "mean"})
+_reduction("max", _max, NUMERIC, "maximum over axes; tied maximal elements share the gradient evenly", _max_vjp,
+           {"combine": "({a} if {a} > {b} or {a} != {a} else {b})", "identity": "lowest"})  # NaN propagates
 
 
 def _count_infer(x: TensorType, *, axes) -> TensorType:
@@ -71,4 +80,4 @@ register(OpDef("count", "reduction", _count_infer,
                lambda x, *, axes: np.asarray(np.prod([x.shape[a] for a in axes]), dtype=x.dtype), arity=1,
                attrs={"axes": Attr("ints")}, doc="the number of elements over axes, as a float (reads only "
                                                   "the shape, which may hold the batch size N)",
-               nondiff="depends only on the shape"))
+               nondiff="depends only on the shape", role="immediate"))

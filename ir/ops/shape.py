@@ -30,7 +30,8 @@ def _reshape_vjp(ctx, g):
 
 
 register(OpDef("reshape", "shape", _reshape_infer, lambda x, *, shape: x.reshape(shape), arity=1,
-               attrs={"shape": Attr("dims")}, doc="same elements in row-major order, new shape", vjp=_reshape_vjp))
+               attrs={"shape": Attr("dims")}, doc="same elements in row-major order, new shape", vjp=_reshape_vjp,
+               role="view"))
 
 
 def _transpose_infer(x: TensorType, *, perm) -> TensorType:
@@ -45,7 +46,8 @@ def _transpose_vjp(ctx, g):
 
 
 register(OpDef("transpose", "shape", _transpose_infer, lambda x, *, perm: np.transpose(x, perm), arity=1,
-               attrs={"perm": Attr("ints")}, doc="permute axes: out.shape[i] = x.shape[perm[i]]", vjp=_transpose_vjp))
+               attrs={"perm": Attr("ints")}, doc="permute axes: out.shape[i] = x.shape[perm[i]]", vjp=_transpose_vjp,
+               lowering={"template": "permute_copy"}))
 
 
 def _broadcast_infer(x: TensorType, *, shape) -> TensorType:
@@ -58,7 +60,7 @@ def _broadcast_infer(x: TensorType, *, shape) -> TensorType:
 register(OpDef("broadcast_to", "shape", _broadcast_infer,
                lambda x, *, shape: np.array(np.broadcast_to(x, shape)), arity=1,
                attrs={"shape": Attr("dims")}, doc="repeat size-1 (or missing leading) axes",
-               vjp=lambda ctx, g: [ctx.unbroadcast(g, ctx.inputs[0].type)]))
+               vjp=lambda ctx, g: [ctx.unbroadcast(g, ctx.inputs[0].type)], lowering={"template": "broadcast_copy"}))
 
 
 def _slice_infer(x: TensorType, *, axis: int, start: int, stop: int, step: int) -> TensorType:
@@ -89,7 +91,8 @@ def _slice_vjp(ctx, g):
 
 _SLICE_ATTRS = {"axis": Attr("int"), "start": Attr("int"), "stop": Attr("int"), "step": Attr("int", 1)}
 register(OpDef("slice", "shape", _slice_infer, _slice_ref, arity=1, attrs=_SLICE_ATTRS,
-               doc="x[start:stop:step] along one axis (normalised: 0 <= start <= stop <= size)", vjp=_slice_vjp))
+               doc="x[start:stop:step] along one axis (normalised: 0 <= start <= stop <= size)", vjp=_slice_vjp,
+               lowering={"template": "strided_copy"}))
 
 
 def _slice_grad_infer(g: TensorType, *, axis, start, stop, step, size) -> TensorType:
@@ -116,7 +119,8 @@ register(OpDef("slice_grad", "shape", _slice_grad_infer, _slice_grad_ref, arity=
                attrs={**_SLICE_ATTRS, "size": Attr("int")},
                doc="the transpose of slice: g written into [start:stop:step] of a zero tensor with `size` along axis",
                vjp=lambda ctx, g: [ctx.emit("slice", g, rule="the slice of g", **{
-                   k: ctx.attrs[k] for k in ("axis", "start", "stop", "step")})]))
+                   k: ctx.attrs[k] for k in ("axis", "start", "stop", "step")})],
+               lowering={"template": "strided_scatter"}))
 
 
 def _concat_infer(*xs: TensorType, axis: int) -> TensorType:
@@ -147,4 +151,5 @@ def _concat_vjp(ctx, g):
 
 
 register(OpDef("concat", "shape", _concat_infer, lambda *xs, axis: np.concatenate(xs, axis=axis), arity=None,
-               attrs={"axis": Attr("int")}, doc="join tensors along an existing axis", vjp=_concat_vjp))
+               attrs={"axis": Attr("int")}, doc="join tensors along an existing axis", vjp=_concat_vjp,
+               lowering={"template": "concat_copy"}))
