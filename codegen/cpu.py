@@ -17,11 +17,16 @@ Kernel shapes:
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
+from gradfuse.files import CACHE, atomic_file
 from gradfuse.ir.graph import Node, Value
 from gradfuse.ir.registry import OpDef, get_op, role
 
@@ -29,6 +34,9 @@ from . import blas, cpu_templates
 from .cpu_templates import store_index
 from .kernel_ir import CTOR, Access, Kernel, KernelProgram, Loop, local_name
 from .scalar_lib import helper_source, helpers_used, ordered_helpers
+from .targets import TARGETS
+
+TARGET = TARGETS["cpu"]
 
 # At run time, loops smaller than this run serially: a parallel launch costs tens of µs, and next
 # to BLAS calls (whose threads spin after returning) parallel epilogues measured slower (MLP step
@@ -115,8 +123,9 @@ class UpdateInGemm:
 
 def update_in_gemm(k: Kernel, prog: KernelProgram) -> UpdateInGemm | None:
     """The SGD update of a weight folded into the GEMM that makes its gradient, if ``k`` is
-    exactly matmul, ``lr * g``, ``param - step`` and the gradient is read nowhere else."""
-    if not blas.AVAILABLE or k.kind != "gemm" or len(k.nodes) != 3 or k.finale is not None:
+    exactly matmul, ``lr * g``, ``param - step`` and the gradient is read nowhere else (and the
+    GEMM accumulates: CBLAS's beta)."""
+    if not (blas.AVAILABLE and TARGET.gemm.accumulate) or k.kind != "gemm" or len(k.nodes) != 3 or k.finale is not None:
         return None
     mm, mul, sub = k.nodes
     g = mm.outputs[0]
@@ -444,3 +453,78 @@ def print_module(prog: KernelProgram, fastmath: bool = True, in_place: frozenset
                f"require_blas()  # codegen/blas.py {blas.SOURCE_HASH}\n") if "blas_gemm(" in code else ""
     header = HEADER.format(name=g.name, what="one training/inference step as Numba kernels", imports=imports)
     return header + "\n\n" + "\n\n".join(helpers) + ("\n\n" if helpers else "") + code + "\n"
+
+
+class CPUBackend:
+    """What the runtime drives: print a kernel program as a module, load it, name each kernel's
+    arguments; ``target`` holds what the passes plan for (the GEMM's capabilities)."""
+
+    target = TARGET
+    name = TARGET.name
+
+    @staticmethod
+    def missing_lowering(op: OpDef) -> str | None:
+        return missing_lowering(op)
+
+    @staticmethod
+    def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset()) -> str:
+        return print_module(prog, in_place=in_place)
+
+    @staticmethod
+    def load(source: str, cache_dir: str, stem: str):
+        """(the imported module, its path): ``source`` written to ``cache_dir/gf_stem_HASH.py``
+        once and imported under a stable name, so Numba's on-disk cache (``cache=True``) finds
+        its compiled kernels next time."""
+        name = f"gf_{stem}_{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+        path = os.path.join(cache_dir, f"{name}.py")
+        if not os.path.exists(path):
+            with atomic_file(path, CACHE, "w") as f:  # a concurrent reader sees all of it or nothing
+                f.write(source)
+        return CPUBackend.import_file(path), path
+
+    @staticmethod
+    def import_file(path: str):
+        """Import a generated module under a name derived from its file (stable across processes)."""
+        module_name = "gradfuse_kernels." + os.path.splitext(os.path.basename(path))[0]
+        loaded = sys.modules.get(module_name)
+        if loaded is not None and os.path.abspath(loaded.__file__) == os.path.abspath(path):
+            return loaded
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    @staticmethod
+    def compile_entry(module, args: list[Value], buffers: list[Value]):
+        """``module.checked_step`` compiled under its exact signature (cached beside the kernels),
+        for one dispatch per call; None where Numba cannot."""
+        from numba import from_dtype, njit, types
+
+        def array(v):
+            return types.Array(from_dtype(v.type.dtype.np), v.type.rank, "C")
+
+        signature = types.int64(*(array(v) for v in args), *(array(v) for v in buffers))
+        try:
+            return njit(signature, cache=True, nogil=True)(module.checked_step)
+        except Exception:  # noqa: BLE001 - the Python path still works; never fail a run for this
+            return None
+
+    @staticmethod
+    def argument(v: Value) -> str:
+        """The parameter name of buffer ``v`` in a kernel's and the step's signature."""
+        return arr(v)
+
+    @staticmethod
+    def kernel_arguments(k: Kernel) -> list[str]:
+        """The parameters of kernel ``k``, in order: its buffers, then the batch symbols."""
+        return KernelPrinter(k, Writer()).signature()
+
+    @staticmethod
+    def unwritten(k: Kernel, prog: KernelProgram) -> Value | None:
+        """A value ``k`` computes but never writes (a gradient the GEMM folds its update into)."""
+        folded = update_in_gemm(k, prog)
+        return folded.product if folded else None
+
+
+BACKEND = CPUBackend()

@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from gradfuse.codegen.targets import target as gemm_target
 from gradfuse.errors import GradfuseError
 from gradfuse.ir.graph import Graph, Node, Value
 from gradfuse.ir.registry import get_op, role
@@ -107,8 +108,9 @@ def _literal(value: float, dtype: DType) -> str:
 
 
 class Lowering:
-    def __init__(self, g: Graph):
+    def __init__(self, g: Graph, target: str = "cpu"):
         self.g = g
+        gemm = gemm_target(target).gemm
         self.producer = g.producers()
         self.users = g.users()
         self.outs = set(g.outputs) | {new for _, new in g.updates}
@@ -118,8 +120,9 @@ class Lowering:
             for v in n.outputs:
                 if role(n) == "immediate":  # a literal, unless returned or read as an array (sum of a constant)
                     keep = v in self.outs or self.needs_buffer(v, self.users[v])
-                else:  # BLAS writes a GEMM's whole product before the epilogue reads it: its own buffer
-                    keep = v in self.outs or role(n) in ("view", "gemm") or any(
+                else:
+                    in_memory = role(n) == "gemm" and gemm.product_in_memory  # BLAS writes the product before
+                    keep = v in self.outs or role(n) == "view" or in_memory or any(  # the epilogue reads it
                         self.kernel_of[u] != n.kernel or n.kernel is None for u in self.users[v])
                 if keep:
                     self.materialized.add(v)
@@ -281,9 +284,9 @@ class Lowering:
         return seen
 
 
-def lower(g: Graph) -> KernelProgram:
-    """The kernel program of a fused graph (unfused nodes become one-node kernels)."""
-    lw = Lowering(g)
+def lower(g: Graph, target: str = "cpu") -> KernelProgram:
+    """The kernel program of a fused graph (unfused nodes become one-node kernels) for ``target``."""
+    lw = Lowering(g, target)
     kernels: list[Kernel] = []
     schedule: list[Kernel | Node] = []
     groups: dict[str, list[Node]] = {}

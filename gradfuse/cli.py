@@ -47,12 +47,12 @@ def _stage_fused(model, args) -> Graph:
 
 
 def _stage_kernels(model, args) -> str:
-    from gradfuse.codegen.cpu import print_module
     from gradfuse.codegen.kernel_ir import lower
+    from gradfuse.codegen.targets import get_backend
     from gradfuse.runtime.program import in_place_updates
 
     graph = _stage_fused(model, args)
-    return print_module(lower(graph), in_place=in_place_updates(graph, 256))  # as Program.compile prints it
+    return get_backend("cpu").print_module(lower(graph), in_place_updates(graph, 256))  # as Program.compile does
 
 
 # stage name -> (what it shows, how to build it from a Model)

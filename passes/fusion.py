@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from gradfuse.codegen.targets import target as gemm_target
 from gradfuse.ir.graph import Graph, GraphBuilder, Node, Value
 from gradfuse.ir.registry import role
 
@@ -58,8 +59,9 @@ def _new_group(n: Node) -> Group:
 
 
 class Fuser:
-    def __init__(self, g: Graph, batch: int):
+    def __init__(self, g: Graph, batch: int, target: str = "cpu"):
         self.g, self.batch = g, batch
+        self.target = gemm_target(target)
         self.producer = g.producers()
         self.users = g.users()
         self.group_of: dict[Node, Group] = {}
@@ -81,8 +83,10 @@ class Fuser:
             op = n.op if r == "opaque" else grp.nodes[0].op
             return f"{op} moves data in its own kernel (layout and gather ops are not fused)"
         shape = n.outputs[0].type.shape
-        if r == "gemm":
-            return "a GEMM runs in BLAS, which reads its operands from memory: no prologue"
+        if r == "gemm" and not self.target.gemm.prologue:
+            return f"a GEMM on the {self.target.name} backend reads its operands from memory (BLAS): no prologue"
+        if grp.kind == "gemm" and r == "elementwise" and not self.target.gemm.epilogue:
+            return f"a GEMM on the {self.target.name} backend takes no epilogue"
         if r in ("reduction", "row"):
             if grp.anchor is not None and not self._same_rows(n, grp):
                 # what n reduces is its operand's producer in the group (an epilogue node, a later
@@ -368,8 +372,8 @@ class FusionReport:
         return "\n".join(lines)
 
 
-def fuse(g: Graph, batch: int = 256) -> tuple[Graph, FusionReport]:
-    fz = Fuser(g, batch)
+def fuse(g: Graph, batch: int = 256, target: str = "cpu") -> tuple[Graph, FusionReport]:
+    fz = Fuser(g, batch, target)
     fz.run()
     units = fz.schedule()
     before = sum(sum(fz.traffic([n])[2:]) for n in g.nodes if materialized(n))  # one kernel per node
@@ -424,9 +428,10 @@ class Fuse(Pass):
 
     name = "fuse"
     batch: int = 256  # the batch size N at which bytes are counted
+    target: str = "cpu"  # whose GEMM capabilities decide (codegen/targets.py)
 
     def run(self, graph: Graph) -> PassResult:
-        fused, report = fuse(graph, self.batch)
+        fused, report = fuse(graph, self.batch, self.target)
         return PassResult(fused, report.render(), report)
 
 

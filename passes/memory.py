@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from gradfuse.codegen.targets import target as gemm_target
 from gradfuse.ir.graph import Graph, GraphBuilder, Node, Value
 from gradfuse.ir.registry import get_op
 from gradfuse.ir.registry import role as _op_role
@@ -176,8 +177,9 @@ def _step_name(nodes: tuple[Node, ...]) -> str:
 class _Values:
     """What the planner and the scheduler ask of the values of ``g`` run as ``steps``."""
 
-    def __init__(self, g: Graph, bindings: dict[str, int], steps: list[tuple[Node, ...]]):
+    def __init__(self, g: Graph, bindings: dict[str, int], steps: list[tuple[Node, ...]], target: str = "cpu"):
         self.g = g
+        self.gemm = gemm_target(target).gemm
         self._nbytes: dict[Value, int] = {}
         self.bindings = bindings  # one size per batch symbol
         self.unit_of = {n: i for i, u in enumerate(steps) for n in u}
@@ -205,8 +207,8 @@ class _Values:
         n = self.producer.get(v)
         if n is None or not _materialized(n):
             return False
-        if role(n) == "gemm":  # BLAS writes the whole product to memory before any epilogue reads it
-            return True
+        if role(n) == "gemm" and self.gemm.product_in_memory:  # BLAS: the product lies in memory before
+            return True  # the epilogue reads it
         return v in self.to_end or any(self.unit_of[u] != self.unit_of[n] for u in self.users[v])
 
 
@@ -223,9 +225,9 @@ class _Storage:
 
 
 class _Planner:
-    def __init__(self, g: Graph, bindings: dict[str, int], order: list[tuple[Node, ...]]):
+    def __init__(self, g: Graph, bindings: dict[str, int], order: list[tuple[Node, ...]], target: str = "cpu"):
         self.g, self.bindings, self.order = g, bindings, order
-        self.facts = _Values(g, bindings, order)
+        self.facts = _Values(g, bindings, order, target)
         self.storage: dict[Value, _Storage] = {}
         self.placements: dict[str, Placement] = {}
         self.update_why: dict[Value, str] = {}
@@ -419,9 +421,9 @@ class _Scheduler:
     the most), ties in graph order. Updates in ``keep`` get write-after-read edges: every reader
     of the argument runs before the step writing its new value, so the update can be in place."""
 
-    def __init__(self, g: Graph, bindings: dict[str, int], steps: list[tuple[Node, ...]]):
+    def __init__(self, g: Graph, bindings: dict[str, int], steps: list[tuple[Node, ...]], target: str = "cpu"):
         self.g, self.steps = g, steps
-        f = self.facts = _Values(g, bindings, steps)
+        f = self.facts = _Values(g, bindings, steps, target)
         self.deps: dict[int, set[int]] = {i: set() for i in range(len(steps))}
         for i, u in enumerate(steps):
             for n in u:
@@ -532,8 +534,8 @@ def symbol_sizes(g: Graph, batch: int = 256, sizes: Mapping[str, int] | None = N
     return {s: int(sizes.get(s, batch)) for v in g.values() for s in sorted(v.type.symbols)}
 
 
-def plan_memory(g: Graph, batch: int = 256, reorder: bool = True, sizes: Mapping[str, int] | None = None
-                ) -> MemoryPlan:
+def plan_memory(g: Graph, batch: int = 256, reorder: bool = True, sizes: Mapping[str, int] | None = None,
+                target: str = "cpu") -> MemoryPlan:
     """Plan the memory of ``g`` at batch size ``batch``; ``plan.steps`` is the order to run.
 
     ``sizes`` binds batch symbols one by one (``{"N": 32, "T": 128}``: a model with a batch and a
@@ -548,13 +550,13 @@ def plan_memory(g: Graph, batch: int = 256, reorder: bool = True, sizes: Mapping
     common = set(bindings.values()) or {batch}
 
     def plan(order: list[int], name: str) -> MemoryPlan:
-        p = _Planner(g, bindings, [steps[i] for i in order]).plan(name)
+        p = _Planner(g, bindings, [steps[i] for i in order], target).plan(name)
         p.batch = next(iter(common)) if len(common) == 1 else None  # one size for every symbol: the batch
         return p
 
     plans = [plan(list(range(len(steps))), "graph order")]
     if reorder:
-        sched = _Scheduler(g, bindings, steps)
+        sched = _Scheduler(g, bindings, steps, target)
         updates = sched.constraining()
         war = sched.war_edges(updates)
         plans.append(plan(sched.order(updates, war)[0], "memory-aware order keeping updates in place"))
@@ -604,7 +606,8 @@ class MemoryPlanPass(Pass):
     name = "memory-plan"
     batch: int = 256  # the batch size N the arena is sized for
     reorder: bool = True  # try memory-aware schedules besides the graph's order
+    target: str = "cpu"  # whose GEMM capabilities decide what is stored (codegen/targets.py)
 
     def run(self, graph: Graph) -> PassResult:
-        plan = plan_memory(graph, self.batch, self.reorder)
+        plan = plan_memory(graph, self.batch, self.reorder, target=self.target)
         return PassResult(scheduled(graph, plan), plan.render(), plan)

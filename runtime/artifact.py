@@ -144,7 +144,8 @@ def _write(compiled, root: str, stages: dict[str, str]) -> None:
         if os.path.isfile(f):
             files[os.path.relpath(f, root)] = _sha256(f)
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(), "target": TARGET,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(),
+        "target": compiled.predict_program.backend.name,
         "cpu": cpu_identity(), "model": compiled.name, "optimizer": compiled.optimizer,
         "inputs": {k: str(t) for k, t in compiled.inputs.items()},
         "targets": {k: str(t) for k, t in compiled.targets.items()},
@@ -204,13 +205,15 @@ def load(path: str, recompile: bool = False, check_cpu: bool = True):
     """The CompiledModel in the artifact at ``path``; nothing is traced, no pass runs, and with a
     matching CPU Numba loads every kernel from the artifact's cache instead of compiling it."""
     from gradfuse.codegen.kernel_ir import lower
+    from gradfuse.codegen.targets import get_backend
     from gradfuse.compiler import CompiledModel
     from gradfuse.ir.parser import parse_graph
-    from gradfuse.runtime.program import Program, import_module
+    from gradfuse.runtime.program import Program
 
     path = os.path.abspath(path)
     manifest = read_manifest(path)
     verify(path, manifest, recompile=recompile or not check_cpu)
+    backend = get_backend(manifest["target"])
     programs = {}
     for name, info in manifest["programs"].items():
         with open(os.path.join(path, info["ir"]), encoding="utf-8") as f:
@@ -219,10 +222,11 @@ def load(path: str, recompile: bool = False, check_cpu: bool = True):
         with open(module_path, encoding="utf-8") as f:
             source = f.read()
         try:
-            module = import_module(module_path)
+            module = backend.import_file(module_path)
         except ImportError as e:  # e.g. kernels calling a BLAS this machine's numpy does not bundle
             raise ArtifactError(f"{path}: {info['module']}: {e}") from None
-        programs[name] = Program(graph, lower(graph), source, module_path, module, in_place=frozenset(info["in_place"]))
+        programs[name] = Program(graph, lower(graph, backend.name), source, module_path, module,
+                                 in_place=frozenset(info["in_place"]), backend=backend)
     with np.load(os.path.join(path, "weights.npz"), allow_pickle=False) as f:
         weights = {k: np.array(f[k]) for k in f.files}
     loss_graph = None

@@ -7,57 +7,29 @@ for that batch size, and calls the generated ``step`` function once.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradfuse.codegen.cpu import arr, print_module
 from gradfuse.codegen.kernel_ir import KernelProgram, lower
+from gradfuse.codegen.targets import get_backend
 from gradfuse.errors import InputError, NumericError
-from gradfuse.files import CACHE, atomic_file
 from gradfuse.ir.graph import ArgKind, Graph
 from gradfuse.ir.registry import get_op
 
 DEFAULT_CACHE = os.environ.get("GRADFUSE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gradfuse"))
 
 
-def load_module(source: str, cache_dir: str, stem: str):
-    """Write ``source`` to ``cache_dir/stem_HASH.py`` (once) and import it under a stable name,
-    so Numba's on-disk cache (``cache=True``) finds its compiled kernels next time."""
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    name = f"gf_{stem}_{digest}"
-    path = os.path.join(cache_dir, f"{name}.py")
-    if not os.path.exists(path):
-        with atomic_file(path, CACHE, "w") as f:  # a concurrent reader sees all of it or nothing
-            f.write(source)
-    return import_module(path), path
-
-
-def in_place_updates(graph: Graph, batch: int) -> frozenset[str]:
+def in_place_updates(graph: Graph, batch: int, target: str = "cpu") -> frozenset[str]:
     """The updated arguments the memory plan writes in place (the same at every batch size: it
     depends on the schedule, not on sizes)."""
     from gradfuse.passes.memory import plan_memory
 
-    return frozenset(u.arg for u in plan_memory(graph, batch=batch, reorder=False).updates if u.in_place)
-
-
-def import_module(path: str):
-    """Import a generated module under a name derived from its file (stable across processes)."""
-    module_name = "gradfuse_kernels." + os.path.splitext(os.path.basename(path))[0]
-    loaded = sys.modules.get(module_name)
-    if loaded is not None and os.path.abspath(loaded.__file__) == os.path.abspath(path):
-        return loaded
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
+    plan = plan_memory(graph, batch=batch, reorder=False, target=target)
+    return frozenset(u.arg for u in plan.updates if u.in_place)
 
 
 class _SlowPath(Exception):
@@ -83,6 +55,7 @@ class Program:
     compile_seconds: float = 0.0
     in_place: frozenset[str] = frozenset()  # updated arguments the kernels write directly (no copy)
     one_dispatch: bool = False  # run through checked_step compiled with a signature (see _run_compiled)
+    backend: object = field(default_factory=get_backend)  # prints, loads and names (codegen/targets.py)
     _buffers: dict[tuple, list[np.ndarray | int]] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -107,13 +80,15 @@ class Program:
         self._compiled_step = None  # checked_step under its signature, once compiled; False if it cannot be
 
     @classmethod
-    def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE) -> Program:
+    def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, target: str = "cpu") -> Program:
+        """Lower ``graph`` (fused and planned) for ``target`` and load its module from the backend."""
         start = time.perf_counter()
-        kernels = lower(graph)
-        in_place = in_place_updates(graph, 256)
-        source = print_module(kernels, in_place=in_place)  # `step` in Python, `checked_step` for one_dispatch
-        module, path = load_module(source, cache_dir, graph.name)
-        prog = cls(graph, kernels, source, path, module, in_place=in_place)
+        backend = get_backend(target)
+        kernels = lower(graph, target)
+        in_place = in_place_updates(graph, 256, target)
+        source = backend.print_module(kernels, in_place)  # `step` in Python, `checked_step` for one_dispatch
+        module, path = backend.load(source, cache_dir, graph.name)
+        prog = cls(graph, kernels, source, path, module, in_place=in_place, backend=backend)
         prog.compile_seconds = time.perf_counter() - start
         return prog
 
@@ -272,18 +247,11 @@ class Program:
             return None
 
     def compile_checked_step(self) -> None:
-        """Compile ``checked_step`` under its signature now (Numba caches it beside the kernels,
-        so an artifact saved afterwards carries it); on failure the Python path stays."""
-        from numba import from_dtype, njit, types
-
-        def array(v):
-            return types.Array(from_dtype(v.type.dtype.np), v.type.rank, "C")
-
-        signature = types.int64(*(array(v) for _, v in self.graph.args), *(array(v) for v in self.kernels.buffers))
-        try:
-            self._compiled_step = njit(signature, cache=True, nogil=True)(self.module.checked_step)
-        except Exception:  # noqa: BLE001 - the Python path still works; never fail a run for this
-            self._compiled_step = False
+        """Compile ``checked_step`` under its signature now (the backend caches it beside the
+        kernels, so an artifact saved afterwards carries it); False where it cannot: the Python
+        path stays."""
+        self._compiled_step = self.backend.compile_entry(self.module, [v for _, v in self.graph.args],
+                                                         self.kernels.buffers) or False
 
     def _launch(self, sizes: dict[str, int]) -> _Launch:
         """What run() does at these sizes, worked out once: which buffers are fresh outputs,
@@ -306,8 +274,6 @@ class Program:
         """Like :meth:`run`, kernel by kernel, stopping at the first kernel that writes a NaN or
         an infinity; the error names the kernel and the op and source line inside it that
         produced it first (found by replaying the kernel's nodes with the reference ops)."""
-        from gradfuse.codegen.cpu import KernelPrinter, Writer, update_in_gemm
-
         sizes, arrays = self.bind(feeds)
         updated = {old for old, new in self.graph.updates if new is not old}
         before = {v: arrays[self._arg_index[v]].copy() for v in self.graph.outputs if v in updated}
@@ -315,17 +281,18 @@ class Program:
         values = {v: a for (_, v), a in zip(self.graph.args, arrays, strict=True)}
         values.update((v, arrays[b].reshape(v.type.concrete(sizes)) if isinstance(b, int) else b)
                       for v, b in zip(self.kernels.buffers, self.buffers(sizes), strict=True))
-        env.update({arr(v): a for v, a in values.items()})
+        arg = self.backend.argument
+        env.update({arg(v): a for v, a in values.items()})
         for item in self.kernels.schedule:
             if not hasattr(item, "anchors"):  # a view
                 values[item.outputs[0]] = values[item.inputs[0]].reshape(item.outputs[0].type.concrete(sizes))
-                env[arr(item.outputs[0])] = values[item.outputs[0]]
+                env[arg(item.outputs[0])] = values[item.outputs[0]]
                 continue
             overwritten = {v: values[v].copy() for v in item.reads  # updated in place: replay needs the old values
                            if any(np.shares_memory(values[v], values[w]) for w in item.writes)}
-            getattr(self.module, item.name)(*(env[p] for p in KernelPrinter(item, Writer()).signature()))
-            folded = update_in_gemm(item, self.kernels)  # its gradient never leaves BLAS
-            bad = [v for v in item.writes if v.type.dtype.is_float and not (folded and v is folded.product)
+            getattr(self.module, item.name)(*(env[p] for p in self.backend.kernel_arguments(item)))
+            unwritten = self.backend.unwritten(item, self.kernels)  # e.g. a gradient that never leaves BLAS
+            bad = [v for v in item.writes if v.type.dtype.is_float and v is not unwritten
                    and not np.all(np.isfinite(values[v]))]
             if bad:
                 raise NumericError(self._explain_nonfinite(item, {**values, **overwritten}, sizes, get_op))
@@ -365,4 +332,4 @@ class Program:
         return f"kernel {kernel.name} wrote NaN/Inf, but replaying its ops in numpy did not (a codegen bug?)"
 
 
-__all__ = ["Program", "arr"]
+__all__ = ["Program"]

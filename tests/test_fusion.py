@@ -76,7 +76,7 @@ def test_optimizer_update_is_the_epilogue_of_the_gradient_gemm(mlp_fused):
 
 def test_report_explains_rejections_in_words(mlp_fused):
     text = mlp_fused[1].render()
-    assert "%relu (relu) -> %fc2.matmul (matmul): a GEMM runs in BLAS" in text
+    assert "%relu (relu) -> %fc2.matmul (matmul): a GEMM on the cpu backend reads its operands from memory" in text
     assert "%relu.mask (gt) -> %grad.fc1 (where): it needs %grad.relu, computed by another kernel" in text
     assert "ends the kernel: an epilogue is elementwise" in text
 
