@@ -84,6 +84,12 @@ def gemm(transpose_a, transpose_b, alpha, a, b, beta, c):
             or (b.shape[0] if transpose_b else b.shape[1]) != n):  # BLAS takes pointers: never out of bounds
         raise ValueError("gemm: operand shapes do not match the result")
     lda, ldb, ldc = max(1, a.shape[1]), max(1, b.shape[1]), max(1, n)
+    if k == 0:  # an empty product: c = beta * c, c unread at beta = 0 (?gemv returns at once, c untouched)
+        if beta == 0:
+            c[...] = 0
+        else:
+            c *= beta
+        return
     if m == 1:  # one row (inference on one example): GEMV, as numpy does; OpenBLAS's GEMM is 4x slower
         rows, cols = b.shape  # c[0] = alpha * op(b)ᵀ · a's one row or column (stride 1 either way) + beta * c[0]
         tb = NO_TRANS if transpose_b else TRANS

@@ -51,6 +51,19 @@ NUMPY_ERRORS = "error_model='numpy'"
 # fast-math without 'nnan' and 'ninf': reassociation (vectorised reductions), FMA contraction and
 # reciprocals, but inf and nan stay IEEE (with them LLVM folded x / (s - s) to a finite number)
 FASTMATH = "{'reassoc', 'contract', 'arcp', 'nsz'}"
+# ... and reassociation only in kernels that accumulate (reductions, row statistics), which it
+# vectorises: elsewhere it only rewrites arithmetic, and x + (x - x) became x (inf where numpy's
+# inf - inf gives NaN); an elementwise loop vectorises without it. Where it stays it still reaches
+# the fused elementwise work ((x + m) - x gives m at x = inf); an accumulation through a helper
+# compiled with 'reassoc' (LLVM inlines it, its fadd keeps the flag) measured as fast in a kernel
+# without it (4M-element sum: 0.238 ms, 0.221 with 'reassoc' throughout, 3.4 without any).
+FASTMATH_NO_REASSOC = "{'contract', 'arcp', 'nsz'}"
+ACCUMULATING = ("reduction", "row")
+
+
+def fastmath_flags(k: Kernel) -> str:
+    """The fast-math flags of kernel ``k``'s function (see FASTMATH)."""
+    return FASTMATH if k.kind in ACCUMULATING else FASTMATH_NO_REASSOC
 
 
 def missing_lowering(op: OpDef) -> str | None:
@@ -403,24 +416,25 @@ def print_module(prog: KernelProgram, fastmath: bool = True, in_place: frozenset
     one dispatch per call. ``in_place`` names the updated arguments whose new value the runtime
     has the kernels write straight into the argument (the memory plan): those need no copy."""
     g = prog.graph
-    flags = FASTMATH if fastmath else False
+    flags = FASTMATH if fastmath else False  # the helpers' (inlined into each kernel, which sets its own)
     body = Writer()
     serial: dict[str, str] = {}  # parallel kernel -> the element count that decides, at run time
     for k in prog.kernels:
+        kflags = fastmath_flags(k) if fastmath else False
         kernel = Writer()
         kernel.indent()
         kp = KernelPrinter(k, kernel, prog, in_place)
         kp.print()
         # parallel=True only where a prange was printed: it costs ~0.7 s of compile per kernel
         parallel = any("prange(" in line for line in kernel.lines)
-        body(f"@njit(cache=True, fastmath={flags}, parallel={parallel}, nogil=True, {NUMPY_ERRORS})")
+        body(f"@njit(cache=True, fastmath={kflags}, parallel={parallel}, nogil=True, {NUMPY_ERRORS})")
         body(f"def {k.name}({', '.join(kp.signature())}):")
         body.lines += kernel.lines
         body("    return")
         body()
         if parallel:  # a serial twin for small batches: a parallel launch costs tens of microseconds
             serial[k.name] = work_expr(k)
-            body(f"@njit(cache=True, fastmath={flags}, parallel=False, nogil=True, {NUMPY_ERRORS})")
+            body(f"@njit(cache=True, fastmath={kflags}, parallel=False, nogil=True, {NUMPY_ERRORS})")
             body(f"def {k.name}_serial({', '.join(kp.signature())}):")
             body.lines += [line.replace("prange(", "range(") for line in kernel.lines]
             body("    return")

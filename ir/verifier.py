@@ -9,7 +9,8 @@ from .registry import get_op
 
 
 def verify(g: Graph) -> Graph:
-    """Check SSA form, names, types (re-running every op's shape rule), outputs and updates.
+    """Check SSA form, names, types (re-running every op's shape rule; every symbol bound by an
+    argument's shape), outputs and updates.
 
     Returns ``g`` so it can be chained; raises VerifyError naming the node at fault.
     """
@@ -29,6 +30,7 @@ def verify(g: Graph) -> Graph:
     for kind, v in g.args:
         assert isinstance(kind, ArgKind)
         define(v, f"@{g.name} argument")
+    bound = {s for _, v in g.args for s in v.type.symbols}  # the sizes a run can bind
     for i, n in enumerate(g.nodes):
         where = f"@{g.name} node {i} ({n.op} -> %{n.outputs[0].name if n.outputs else '?'})"
         for v in n.inputs:
@@ -48,6 +50,10 @@ def verify(g: Graph) -> Graph:
                               f"shape rule's {', '.join(map(str, inferred))}")
         for v in n.outputs:
             define(v, where)
+            if not v.type.symbols <= bound:
+                unbound = ", ".join(sorted(v.type.symbols - bound))
+                raise VerifyError(f"{where}: %{v.name}: {v.type} uses {unbound}, which no argument's shape binds "
+                                  "(a run could not size it)")
     for v in g.outputs:
         if v not in defined:
             raise VerifyError(f"@{g.name}: output %{v.name} is not defined")

@@ -150,21 +150,26 @@ class Fuser:
         return False
 
     def _cycle_reason(self, n: Node, grp: Group) -> str | None:
-        """Joining is illegal if ``n`` depends on ``grp`` through another kernel."""
-        stack = [self.producer[v] for v in n.inputs if v in self.producer]
-        seen: set[Node] = set()
+        """Joining is illegal if ``n`` depends on ``grp`` through another kernel, or through a node
+        outside every kernel (a view, or a ``count`` of a value the kernel computes: the schedule
+        runs it between kernels, so it would have to come both after and before this one)."""
+        stack: list[tuple[Node, Node | None]] = [(self.producer[v], None) for v in n.inputs if v in self.producer]
+        seen: set[tuple[Node, bool]] = set()
         while stack:
-            p = stack.pop()
-            if p in seen:
+            p, via = stack.pop()  # via: the first node outside ``grp`` on the path from n to p
+            if (p, via is None) in seen:
                 continue
-            seen.add(p)
+            seen.add((p, via is None))
             pg = self.group_of.get(p)
             if pg is grp:
+                if via is not None and self.group_of.get(via) is None:
+                    return (f"it needs %{via.outputs[0].name} ({via.op}, outside every kernel), which reads "
+                            f"%{p.outputs[0].name} of this kernel (fusing would create a cycle)")
                 continue
             if pg is not None and self._depends_on(pg, grp):
                 return (f"it needs %{p.outputs[0].name}, computed by another kernel that depends on this one "
                         "(fusing would create a cycle)")
-            stack.extend(self.producer[v] for v in p.inputs if v in self.producer)
+            stack.extend((self.producer[v], via or p) for v in p.inputs if v in self.producer)
         return None
 
     def _depends_on(self, a: Group, b: Group) -> bool:

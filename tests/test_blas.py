@@ -24,6 +24,17 @@ def test_gemm_is_alpha_op_a_op_b_plus_beta_c(dtype, m, ta, tb):
     np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("m, beta", list(itertools.product([1, 2], [0.0, 0.5, 1.0])))
+def test_gemm_over_an_empty_inner_axis_is_beta_c(m, beta):
+    """Found by the mixed graphs (tests/strategies.py): a matmul contracting an axis of size 0 (a
+    slice [1:1]) is beta * c, and c unread at beta = 0; at m = 1 GEMV returned at once, leaving
+    what the buffer held (NaN from a reused arena buffer)."""
+    a, b = np.ones((m, 0), np.float32), np.ones((0, 3), np.float32)
+    c = np.full((m, 3), np.nan if beta == 0 else 2.0, np.float32)
+    blas.gemm(False, False, np.float32(1), a, b, np.float32(beta), c)
+    np.testing.assert_array_equal(c, np.full((m, 3), 0.0 if beta == 0 else 2.0 * beta, np.float32))
+
+
 def test_gemm_refuses_a_non_contiguous_result():
     a, b = np.ones((2, 3), np.float32), np.ones((3, 4), np.float32)
     c = np.zeros((4, 2), np.float32).T

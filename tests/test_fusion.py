@@ -151,3 +151,26 @@ func @f(
     order = [n.outputs[0].name for n in fused.nodes]
     assert order.index("a") < order.index("t") < order.index("c")
     assert_same_results(g, fused, random_feeds(g))
+
+
+BETWEEN = {  # %m reads %e but is in no kernel: a count (an immediate) or a view
+    "count": "  %m: f32[] = count %e {axes=[0]}\n  %y: f32[N,3,1] = div %e, %m\n",
+    "reshape": "  %r: f32[N,3] = reshape %e {shape=[N,3]}\n  %m: f32[N,3,1] = reshape %r {shape=[N,3,1]}\n"
+               "  %y: f32[N,3,1] = mul %e, %m\n",
+}
+
+
+@pytest.mark.parametrize("between", list(BETWEEN))
+def test_no_fusion_through_a_node_outside_every_kernel(between):
+    """Found by the mixed graphs (tests/strategies.py): %y joined the kernel of %e although it
+    also reads %m, computed from %e outside every kernel; the schedule, which runs %m between
+    kernels, was then cyclic (networkx raised)."""
+    g = parse_graph(f"func @f(\n    input %x: f32[N,3,1],\n) {{\n  %e: f32[N,3,1] = exp %x\n{BETWEEN[between]}"
+                    "  return %y\n}\n")
+    fused, report = fuse(g)
+    order = [n.outputs[0].name for n in fused.nodes]
+    assert order.index("e") < order.index("m") < order.index("y")
+    e, y = (next(n for n in fused.nodes if n.outputs[0].name == name) for name in "ey")
+    assert e.kernel != y.kernel
+    assert f"it needs %m ({between}, outside every kernel), which reads %e of this kernel" in report.render()
+    assert_same_results(g, fused, random_feeds(g))

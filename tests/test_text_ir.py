@@ -228,6 +228,8 @@ ERRORS = [
      "expected '<-' after the updated state, found '='"),
     ("func @f(input %x: f32[2]) {\n  %x.1: f32[2] = neg %x\n  retrun %x\n}", 3, 3,
      "expected a node ('%name: type = op ...'), 'kernel' or 'return', found 'retrun'"),
+    ("func @f(input %x: f32[N]) {\n  %y: f32[T,N] = broadcast_to %x {shape=[T,N]}\n  return %y\n}", 3, 3,
+     "%y: f32[T,N] uses T, which no argument's shape binds"),
     (HEAD + "  %y: f32[N,3] = matmull %x, %w\n", 5, 18, "unknown op 'matmull'"),
     (HEAD + "  %y: f32[N,3] = matmul %x, %v\n", 5, 29, "use of undefined value %v"),
     (HEAD + "  %y: f32[N,3] = matmul %x %w\n", 5, 28,

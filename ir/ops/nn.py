@@ -28,7 +28,9 @@ def _softmax_infer(name):
 
 
 def log_softmax_ref(x, axis: int):
-    shifted = x - x.max(axis=axis, keepdims=True)
+    # initial=-inf: np.max has no identity without it, and raises on a tensor with no rows (an
+    # empty axis elsewhere, from a slice [0:0]); the kernels' max starts from -inf too
+    shifted = x - x.max(axis=axis, keepdims=True, initial=-np.inf)
     return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
 
 
