@@ -131,7 +131,8 @@ def test_fusion_never_changes_results(g):
             seen.add(n.kernel)
         current = n.kernel
     assert report.bytes_after <= report.bytes_before
-    assert_same_results(g, fused, random_feeds(g))
+    with np.errstate(all="ignore"):  # random operands: x / (s - s) makes inf and nan, on both sides alike
+        assert_same_results(g, fused, random_feeds(g))
 
 
 def test_no_merge_across_a_kernel_that_reads_the_result():
