@@ -411,3 +411,16 @@ def mixed_graphs(draw, max_nodes: int = 20, symbols=SYMBOLS) -> Graph:
         outputs.append(arg)
     return m.b.finish(outputs, updates)
 
+
+
+def run_both(g: Graph, prog, feeds: dict):
+    """(the interpreter's result, the compiled program's outputs, the arguments after its in-place
+    updates), from the same feeds."""
+    import numpy as np
+
+    from gradfuse.ir.interpreter import interpret
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ref = interpret(g, {k: np.copy(v) for k, v in feeds.items()})
+    args = {k: np.copy(v) for k, v in feeds.items()}
+    return ref, prog.run(args), args
