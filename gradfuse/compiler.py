@@ -220,7 +220,8 @@ def _source_digest() -> str:
 
 
 def _add_missing_state(g: Graph, weights: dict[str, np.ndarray]) -> None:
-    """State a graph carries that nobody initialised yet (the dropout step counter) starts at 0."""
+    """State a graph carries that nobody initialised yet (optimizer state, the dropout step counter) starts
+    at 0."""
     for kind, v in g.args:
         if kind is not ArgKind.input and v.name not in weights:
             weights[v.name] = np.zeros(v.type.concrete({}), v.type.dtype.np)
