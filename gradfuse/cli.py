@@ -234,6 +234,7 @@ def _load_weights(compiled, path: str) -> str:
 
 
 def cmd_compile(args) -> int:
+    import os
     import time
 
     from gradfuse.runtime import artifact
@@ -251,13 +252,8 @@ def cmd_compile(args) -> int:
     print(f"  weights:       {weights}")
     print(f"  run it:        gradfuse run {args.output} --input x.npy --output y.npy   (x.npy: a batch of "
           f"{', '.join(f'{k} {t}' for k, t in compiled.inputs.items())})")
-    print(f"  read its IR:   ls {args.output}/ir   ({', '.join(sorted(_stage_texts_names(compiled)))})")
+    print(f"  read its IR:   ls {args.output}/ir   ({', '.join(sorted(os.listdir(os.path.join(report.path, 'ir'))))})")
     return 0
-
-
-def _stage_texts_names(compiled) -> list[str]:
-    names = ["forward"] + (["backward", "train", "loss"] if compiled.train_program else [])
-    return names + [f"{p}.fused" for p in compiled.programs()]
 
 
 def _load_any(spec: str, args):
@@ -392,21 +388,15 @@ def cmd_train(args) -> int:
 
 def _save_trained(compiled, args, model, history, config) -> None:
     """The artifact; if it cannot be written, the weights in a checkpoint elsewhere (said in the error)."""
-    from gradfuse.files import FileError, rescue_path
+    from gradfuse.files import FileError
     from gradfuse.runtime import artifact
-    from gradfuse.training import save_checkpoint
+    from gradfuse.training import rescued
 
     try:
         artifact.save(compiled, args.output, _stage_texts(model, args) if model is not None else None)
     except FileError as e:
-        rescued = rescue_path(compiled.name)
-        try:
-            save_checkpoint(rescued, compiled, history, config.epochs + 1, 0, config)
-        except FileError as again:
-            raise FileError(e.what, e.path, f"{e.why}; saving the weights to {rescued} failed too "
-                                            f"({again.why}): the trained weights are lost") from None
-        raise FileError(e.what, e.path, f"{e.why}; the trained weights are safe in {rescued} (make the artifact "
-                                        f"later: gradfuse compile MODEL.py --weights {rescued} -o DIR)") from None
+        raise rescued(e, compiled, history, config.epochs + 1, 0, config, "the trained weights are safe in {path} "
+                      "(make the artifact later: gradfuse compile MODEL.py --weights {path} -o DIR)") from None
     print(f"wrote the trained model to {args.output}")
 
 

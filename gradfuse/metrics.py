@@ -37,6 +37,7 @@ class Metric:
     percent: bool = False
     fn: Callable[..., float] | None = None  # (prediction, *targets) -> mean; None: derived in evaluate()
     shown: bool = True  # in the progress line (nats are the loss's unit; bits and perplexity show them)
+    custom: bool = False  # the model's own (Model(metrics=...)): plotted beside the headline
 
 
 def _accuracy(pred, labels) -> float:
@@ -160,7 +161,7 @@ def for_model(prediction: TensorType, targets: Mapping[str, TensorType], loss_gr
         metrics = [Metric("mse", "mse", fn=_mse), Metric("mae", "mae", fn=_mae)]
         task, headline = "regression", "mae"
     for name, fn in (custom or {}).items():
-        metrics.append(Metric(name, name, fn=fn))
+        metrics.append(Metric(name, name, fn=fn, custom=True))
         headline = headline or name
     if loss_graph is not None and loss_graph.inputs[0].type.dtype is not DType.f64:
         from gradfuse.passes.precision import with_float

@@ -134,20 +134,28 @@ def load_checkpoint(path: str, compiled) -> tuple[History, int, int, dict]:
     return History(**meta["history"]), meta["epoch"], meta["batch"], meta["config"]
 
 
+def rescued(failed: FileError, compiled, history: History, epoch: int, batch: int, config: TrainConfig,
+            then: str) -> FileError:
+    """What to raise when ``failed`` kept the weights from where they were going: they are saved
+    as a checkpoint in the temporary folder, and the error says where and ``then`` (how to go on,
+    ``{path}`` standing for the rescued file), or that they are lost if even that fails."""
+    path = rescue_path(compiled.name)
+    try:
+        save_checkpoint(path, compiled, history, epoch, batch, config)
+    except FileError as again:
+        return FileError(failed.what, failed.path, f"{failed.why}; saving the weights to {path} failed too "
+                                                   f"({again.why}): the trained weights are lost")
+    return FileError(failed.what, failed.path, f"{failed.why}; {then.format(path=path)}")
+
+
 def _save_or_rescue(compiled, history: History, epoch: int, batch: int, config: TrainConfig) -> None:
     """The checkpoint; where it cannot be written, the same file in the temporary folder, and
     an error that says so (training stops: every later write would fail the same way)."""
     try:
         save_checkpoint(config.checkpoint, compiled, history, epoch, batch, config)
     except FileError as e:
-        rescued = rescue_path(compiled.name)
-        try:
-            save_checkpoint(rescued, compiled, history, epoch, batch, config)
-        except FileError as again:
-            raise FileError(e.what, e.path, f"{e.why}; saving it to {rescued} failed too ({again.why}): the "
-                                            "trained weights are lost") from None
-        raise FileError(e.what, e.path, f"{e.why}; training stopped, and the checkpoint went to {rescued} "
-                                        f"instead (go on with --checkpoint {rescued} --resume)") from None
+        raise rescued(e, compiled, history, epoch, batch, config, "training stopped, and the checkpoint went to "
+                      "{path} instead (go on with --checkpoint {path} --resume)") from None
 
 
 @contextlib.contextmanager
@@ -271,9 +279,8 @@ def plot_history(history: History, path: str, title: str, metrics: Metrics) -> N
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    shown = [m for m in ([metrics.headline] if metrics.headline else []) +
-             [m.name for m in metrics.metrics if m.fn is not None and m.name not in
-              ("accuracy", "top5_accuracy", "nats", "mse", "mae")] if m in history.test]
+    names = [metrics.headline] + [m.name for m in metrics.metrics if m.custom and m.name != metrics.headline]
+    shown = [name for name in names if name in history.test]
     fig, axes = plt.subplots(1, 1 + bool(shown), figsize=(5 + 5 * bool(shown), 4), squeeze=False)
     left = axes[0][0]
     left.plot(history.epoch, history.train_loss, marker=".", label="train")
