@@ -19,20 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import math
 import os
 import sys
 from dataclasses import dataclass
 
-import numpy as np
-
 from gradfuse.files import CACHE, atomic_file
 from gradfuse.ir.graph import Node, Value
-from gradfuse.ir.registry import OpDef, get_op, role
+from gradfuse.ir.registry import OpDef, role
 
-from . import blas, cpu_templates
-from .cpu_templates import store_index
-from .kernel_ir import CTOR, Access, Kernel, KernelProgram, Loop, local_name
+from . import blas
+from .kernel_ir import CTOR, Kernel, KernelProgram, local_name
+from .loop_nests import SUM, For, Gemm, Ix, Let, Load, Scratch, Store, count, kernel_body, missing_nest, size_of
 from .scalar_lib import helper_source, helpers_used, ordered_helpers
 from .targets import TARGETS
 
@@ -44,7 +41,6 @@ TARGET = TARGETS["cpu"]
 # PARALLEL_CANDIDATE at the nominal batch: the batch size decides at run time which one runs.
 PARALLEL_ELEMENTS = 1 << 20
 PARALLEL_CANDIDATE = 1 << 16
-NOMINAL_BATCH = 256
 # x / 0 gives inf or nan as in numpy (the reference), not Python's ZeroDivisionError, whose check
 # is a branch in every division of every loop
 NUMPY_ERRORS = "error_model='numpy'"
@@ -67,30 +63,17 @@ def fastmath_flags(k: Kernel) -> str:
 
 
 def missing_lowering(op: OpDef) -> str | None:
-    """Why this backend cannot print ``op``, from its record alone; None when it can."""
-    low = op.lowering
-    if op.role in ("view", "immediate"):
-        return None
-    if op.role == "elementwise":
-        return None if "expr" in low else "no scalar expression (lowering['expr'])"
-    if op.role == "reduction":
-        return None if {"combine", "identity"} <= set(low) else "no combine and identity"
-    if op.role == "gemm":
-        return None if low.get("template") == "gemm" else "a GEMM without the 'gemm' template"
-    t = low.get("template")
-    if t in cpu_templates.ROW_TEMPLATES:
-        return None if low.get("row_stat") in ("max", "mean") else f"row template {t!r} without a row_stat"
-    return None if t in cpu_templates.TEMPLATES else f"no CPU template {t!r}"
+    """Why this backend cannot print ``op``, from its record alone; None when it can: every loop
+    nest prints, and of the named structured ops the CPU has the GEMM."""
+    why = missing_nest(op)
+    if why is None and op.role == "gemm" and op.lowering.get("template") != "gemm":
+        return "a GEMM without the 'gemm' template"
+    return why
 
 
 def arr(v: Value) -> str:
     """The array parameter holding buffer ``v``."""
     return "b_" + local_name(v)[2:]
-
-
-def size_of(shape, symbols: dict[str, int] | None = None) -> int:
-    symbols = symbols or {}
-    return math.prod(symbols.get(d, NOMINAL_BATCH) if isinstance(d, str) else d for d in shape)
 
 
 class Writer:
@@ -158,6 +141,9 @@ def update_in_gemm(k: Kernel, prog: KernelProgram) -> UpdateInGemm | None:
 
 
 class KernelPrinter:
+    """Prints one kernel's loop nests (:mod:`codegen.loop_nests`) as the body of an ``@njit``
+    function; the outermost independent loop of a large nest becomes a ``prange``."""
+
     def __init__(self, k: Kernel, w: Writer, prog: KernelProgram | None = None,
                  in_place: frozenset[str] = frozenset()):
         self.k, self.w = k, w
@@ -169,178 +155,119 @@ class KernelPrinter:
     def signature(self) -> list[str]:
         return self.params + self.symbols
 
-    @staticmethod
-    def arr(v: Value) -> str:
-        return arr(v)
-
-    def scalar(self, v: Value) -> str:
-        """A scalar operand: its constant's local, or the local its buffer was read into."""
-        assert local_name(v) in self.k.consts or v in self.k.reads and v.type.rank == 0, v
-        return local_name(v)
-
-    # -- loops ------------------------------------------------------------------------------
-    def loop_body(self, loop: Loop, ivars: list[str], extra: dict[str, str] | None = None) -> None:
-        """Loads, statements and stores of one element; ``extra`` maps values computed outside
-        the loop body (anchor results) to expressions."""
-        w = self.w
-        if loop.uses_index:
-            w(f"idx = {_flat_index(loop.space, ivars)}")
-        for local, expr in (extra or {}).items():
-            if local != expr:
-                w(f"{local} = {expr}")
-        for local, access in loop.loads:
-            if access.value.type.rank:  # 0-d buffers were read at the top of the kernel
-                w(f"{local} = {arr(access.value)}{_index(access, ivars)}")
-        for s in loop.stmts:
-            w(f"{s.local} = {s.expr}")
-        for v, local in loop.stores:
-            w(f"{arr(v)}{store_index(v, loop.space, ivars)} = {local}")
-
-    def nested(self, space, parallel: bool) -> list[str]:
-        """Open loops over ``space``; returns the index variables (close with dedent)."""
-        ivars = [f"i{d}" for d in range(len(space))]
-        for d, (dim, i) in enumerate(zip(space, ivars, strict=True)):
-            rng = "prange" if parallel and d == 0 else "range"
-            self.w(f"for {i} in {rng}({_dim(dim)}):")
-            self.w.indent()
-        return ivars
-
-    def elementwise(self, loop: Loop) -> None:
-        parallel = size_of(loop.space) >= PARALLEL_CANDIDATE and len(loop.space) > 0
-        ivars = self.nested(loop.space, parallel)
-        self.loop_body(loop, ivars)
-        self.w.dedent(len(loop.space))
-
-    @property
-    def parallel_rows(self) -> bool:
-        """Whether a row kernel's loop over rows should be a prange: work enough at N=256."""
-        x = self.k.anchors[0].inputs[0]
-        return size_of(x.type.shape) >= PARALLEL_CANDIDATE and x.type.rank > 0
-
-    # -- kernel kinds -------------------------------------------------------------------------
     def print(self) -> None:
         k, w = self.k, self.w
         for n in k.nodes:
             where = " ".join(p for p in (str(n.loc) if n.loc else "", f"@{n.scope}" if n.scope else "") if p)
             w(f"# %{n.outputs[0].name} = {n.op} {', '.join('%' + v.name for v in n.inputs)}"
               + (f"  ({where})" if where else ""))
-        for local, expr in k.consts.items():
-            w(f"{local} = {expr}")
-        for v in k.reads:  # once, outside any prange: Numba's parfors cannot index a 0-d array
-            if v.type.rank == 0:
-                w(f"{local_name(v)} = {arr(v)}[()]")
-        if k.kind == "elementwise":
-            self.elementwise(k.epilogue)
-        elif k.kind == "gemm":
-            self.gemm()
-        elif k.kind == "reduction":
-            self.reduction()
-        elif k.kind == "row" and all(cpu_templates.template(a) in cpu_templates.ROW_TEMPLATES
-                                     for a in k.anchors) and self._row_ok():
-            self.row()
-        else:
-            self.whole_tensor()
+        body = kernel_body(k)
+        if self.update is not None:  # the whole kernel is one GEMM that also updates the weight
+            body = [s for s in body if not isinstance(s, For | Gemm)] + [self.update]
+        self.stmts(body, top=True)
 
-    def gemm(self) -> None:
-        """BLAS into the product's buffer, then the epilogue over it."""
-        k, w = self.k, self.w
-        mm = k.anchors[0]
-        a, b = mm.inputs
-        out = mm.outputs[0]
-        if self.update is not None:
-            u = self.update
-            w(f"# SGD folded into the GEMM: {arr(u.new)} = {arr(u.param)} - lr * (op(a) @ op(b)), alpha=-lr, beta=1")
-            if u.param.name not in self.in_place:
-                w(f"{arr(u.new)}[...] = {arr(u.param)}")
-            cpu_templates.gemm(w, mm, arr(a), arr(b), arr(u.new), alpha=f"-{local_name(u.lr)}",
-                               beta=f"{CTOR[u.new.type.dtype]}(1.0)")
-            return
-        cpu_templates.gemm(w, mm, arr(a), arr(b), arr(out))
-        if k.epilogue is not None:
-            loop = k.epilogue
-            ivars = self.nested(loop.space, size_of(loop.space) >= PARALLEL_CANDIDATE)
-            self.loop_body(loop, ivars, {local_name(out): f"{arr(out)}{store_index(out, loop.space, ivars)}"})
-            w.dedent(len(loop.space))
+    def stmts(self, body: list, top: bool = False) -> None:
+        for s in body:
+            self.stmt(s, top)
 
-    def reduction(self) -> None:
-        k, w = self.k, self.w
-        red = k.anchors[0]
-        x, y = red.inputs[0], red.outputs[0]
-        axes, keepdims = red.attrs.get("axes", ()), red.attrs.get("keepdims", False)
-        space = x.type.shape
-        ftype = CTOR[y.type.dtype]
-        lowering = get_op(red.op).lowering  # combine, identity and finish come from the op's record
-        combine = lowering["combine"]
-        lowest = f"{ftype}(-np.inf)" if y.type.dtype.is_float else f"{ftype}({int(np.iinfo(y.type.dtype.np).min)})"
-        identity = lowest if lowering["identity"] == "lowest" else f"{ftype}({lowering['identity']})"
-        count = " * ".join(_dim(space[a]) for a in axes) or "1"
-        finish = (lambda acc: f"{acc} / {ftype}({count})") if lowering.get("finish") == "mean" else (lambda acc: acc)
-        kept = [i for i in range(len(space)) if i not in axes]
-        out_space = tuple(1 if i in axes else space[i] for i in range(len(space))) if keepdims else \
-            tuple(space[i] for i in kept)
-        value = self._element(x, k.prologue)
-        trailing = list(axes) == list(range(len(space) - len(axes), len(space)))
-        if trailing:  # one output element per outer index: reduce the trailing axes in place
-            outer = [space[i] for i in kept]
-            parallel = size_of(space) >= PARALLEL_CANDIDATE and len(outer) > 0
-            ivars = self.nested(outer, parallel) if outer else []
-            inner = [f"i{len(outer) + d}" for d in range(len(axes))]
-            w("acc = " + identity)
-            for d, i in zip([space[a] for a in axes], inner, strict=True):
-                w(f"for {i} in range({_dim(d)}):")
-                w.indent()
-            value(ivars + inner)
-            w("acc = " + combine.format(a="acc", b=local_name(x)))
-            w.dedent(len(axes))
-            out_ivars = [ivars[kept.index(i)] if i in kept else "0" for i in range(len(space))] if keepdims else ivars
-            self._finish_reduction(y, out_space, out_ivars, finish("acc"))
-            w.dedent(len(outer))
-        else:  # accumulate in input order (cache-friendly for leading axes), serially
-            w(f"acc = np.full({_shape_expr(out_space)}, {identity}, {ftype})")
-            ivars = self.nested(space, False)
-            value(ivars)
-            oidx = [("0" if i in axes else ivars[i]) for i in range(len(space))] if keepdims else \
-                [ivars[i] for i in kept]
-            target = "acc[" + ", ".join(oidx) + "]" if oidx else "acc[()]"
-            w(f"{target} = " + combine.format(a=target, b=local_name(x)))
-            w.dedent(len(space))
-            ivars = self.nested(out_space, size_of(out_space) >= PARALLEL_CANDIDATE)
-            self._finish_reduction(y, out_space, ivars, finish("acc" + ("[" + ", ".join(ivars) + "]" if ivars
-                                                                        else "[()]")))
-            w.dedent(len(out_space))
-
-    def _element(self, x: Value, prologue: Loop | None):
-        """A function printing the code that puts element ``x[ivars]`` in local ``v_x``."""
-
-        def emit(ivars: list[str]) -> None:
-            if prologue is not None:  # once per input element, even where the anchor reads memory
-                self.loop_body(prologue, ivars)
-            if prologue is None or all(s.node.outputs[0] is not x for s in prologue.stmts):
-                self.w(f"{local_name(x)} = {arr(x)}{_index(Access(x, tuple(range(len(ivars)))), ivars)}")
-
-        return emit
-
-    def _finish_reduction(self, y: Value, out_space, ivars: list[str], value: str) -> None:
+    def stmt(self, s, top: bool) -> None:
         w = self.w
-        w(f"{local_name(y)} = {value}")
-        if self.k.epilogue is not None:
-            self.loop_body(self.k.epilogue, ivars, {})
-        if y in self.k.writes:
-            w(f"{arr(y)}{store_index(y, out_space, ivars)} = {local_name(y)}")
+        if isinstance(s, Let):
+            w(f"{s.local} = {s.expr}")
+        elif isinstance(s, Load):
+            w(f"{s.local} = {_buf(s.buf)}{_index(s.index)}")
+        elif isinstance(s, Store):
+            w(f"{_buf(s.buf)}{_index(s.index)} {'+=' if s.add else '='} {s.local}")
+        elif isinstance(s, Scratch):
+            shape = "(" + "".join(f"{d}, " for d in s.shape) + ")"
+            w(f"{s.name} = np.empty({shape}, {CTOR[s.dtype]})" if s.fill is None else
+              f"{s.name} = np.full({shape}, {s.fill}, {CTOR[s.dtype]})")
+        elif isinstance(s, For):
+            self.loop(s, top)
+        elif isinstance(s, Gemm):
+            mm = s.node
+            gemm_call(w, mm, arr(mm.inputs[0]), arr(mm.inputs[1]), arr(mm.outputs[0]))
+        elif isinstance(s, UpdateInGemm):
+            mm = self.k.anchors[0]
+            w(f"# SGD folded into the GEMM: {arr(s.new)} = {arr(s.param)} - lr * (op(a) @ op(b)), alpha=-lr, beta=1")
+            if s.param.name not in self.in_place:
+                w(f"{arr(s.new)}[...] = {arr(s.param)}")
+            gemm_call(w, mm, arr(mm.inputs[0]), arr(mm.inputs[1]), arr(s.new), alpha=f"-{local_name(s.lr)}",
+                      beta=f"{CTOR[s.new.type.dtype]}(1.0)")
+        else:
+            raise AssertionError(s)
 
-    def _row_ok(self) -> bool:
-        """One pass per row needs every anchor to read the same tensor along the same axis."""
-        k = self.k
-        x = k.anchors[0].inputs[0]
-        axis = cpu_templates.row_axis(k.anchors[0])
-        return all(a.inputs[0] is x and cpu_templates.row_axis(a) == axis for a in k.anchors) and \
-            x.type.rank >= 1 and (k.epilogue is None or k.epilogue.space == x.type.shape)
+    def loop(self, f: For, top: bool) -> None:
+        w = self.w
+        for r in f.reductions:
+            w(f"{r.acc} = {r.identity}")
+        # a prange where the work pays for a parallel launch (and Numba can split the reductions)
+        parallel = top and f.independent and f.work >= PARALLEL_CANDIDATE and \
+            all(r.combine == SUM for r in f.reductions)
+        for d, (v, e) in enumerate(zip(f.vars, f.extents, strict=True)):
+            w(f"for {v} in {'prange' if parallel and d == 0 else 'range'}({e}):")
+            w.indent()
+        self.stmts(f.body)
+        for r in f.reductions:
+            w(f"{r.acc} += {r.operand}" if r.combine == SUM else f"{r.acc} = {r.combine.format(a=r.acc, b=r.operand)}")
+        w.dedent(len(f.vars))
 
-    def row(self) -> None:
-        cpu_templates.row_kernel(self)
 
-    def whole_tensor(self) -> None:
-        cpu_templates.whole_tensor_kernel(self)
+def _buf(b) -> str:
+    return arr(b) if isinstance(b, Value) else b
+
+
+def _ix(i: Ix) -> str:
+    if i.indirect is not None:
+        return i.indirect
+    if i.var is None:
+        return str(i.offset)
+    term = i.var if i.scale == 1 else f"{i.var} * {i.scale}"
+    return term if i.offset in (0, "0") else f"{i.offset} + {term}"
+
+
+def _index(index) -> str:
+    return "[" + ", ".join(map(_ix, index)) + "]" if index else "[()]"
+
+
+# ---- GEMM ----------------------------------------------------------------------------------------
+def gemm_call(w, mm: Node, a: str, b: str, dest: str, alpha: str | None = None, beta: str | None = None) -> None:
+    """``dest = alpha * op(a) @ op(b) + beta * dest`` with CBLAS (``blas_gemm``, see
+    :mod:`codegen.blas`) or, without it, ``np.dot`` (alpha 1, beta 0 only); batch axes loop, or
+    fold into rows when only the left operand has them."""
+    ta, tb = mm.attrs["transpose_a"], mm.attrs["transpose_b"]
+    at, bt = mm.inputs[0].type, mm.inputs[1].type
+    out = mm.outputs[0].type
+
+    def call(x: str, y: str, z: str) -> str:
+        if blas.AVAILABLE:
+            F = CTOR[out.dtype]
+            return f"blas_gemm({ta}, {tb}, {alpha or F + '(1.0)'}, {x}, {y}, {beta or F + '(0.0)'}, {z})"
+        assert alpha is beta is None, "np.dot has no alpha and beta"
+        return f"np.dot({x + '.T' if ta else x}, {y + '.T' if tb else y}, {z})"
+
+    if at.rank == 2 and bt.rank == 2:
+        w(call(a, b, dest))
+        return
+    if bt.rank == 2 and not ta:  # [..., M, K] @ [K, N]: one GEMM over all rows
+        k = at.shape[-1]
+        w(call(f"{a}.reshape(({count(at.shape[:-1])}, {k}))", b,
+               f"{dest}.reshape(({count(out.shape[:-1])}, {out.shape[-1]}))"))
+        return
+    batch = out.shape[:-2]
+    ivars = [f"g{i}" for i in range(len(batch))]
+    for d, i in zip(batch, ivars, strict=True):
+        w(f"for {i} in range({d}):")
+        w.indent()
+
+    def pick(name: str, t) -> str:
+        lead = t.rank - 2
+        idx = [("0" if t.shape[j] == 1 and batch[len(batch) - lead + j] != 1 else ivars[len(batch) - lead + j])
+               for j in range(lead)]
+        return f"{name}[{', '.join(idx)}]" if idx else name
+
+    w(call(pick(a, at), pick(b, bt), f"{dest}[{', '.join(ivars)}]"))
+    w.dedent(len(batch))
 
 
 def _bind_symbols(body: Writer, g) -> dict[str, str]:

@@ -55,6 +55,13 @@ def _stage_kernels(model, args) -> str:
     return get_backend("cpu").print_module(lower(graph), in_place_updates(graph, 256))  # as Program.compile does
 
 
+def _stage_loops(model, args) -> str:
+    from gradfuse.codegen.kernel_ir import lower
+    from gradfuse.codegen.loop_nests import format_kernel
+
+    return "\n\n".join(format_kernel(k) for k in lower(_stage_fused(model, args)).kernels)
+
+
 # stage name -> (what it shows, how to build it from a Model)
 STAGES = {
     "forward": ("the inference forward graph", _stage_forward),
@@ -62,6 +69,8 @@ STAGES = {
     "backward": ("forward + generated backward, with the values saved for the backward", _stage_backward),
     "train": ("one whole training step: forward, backward, optimizer update", _stage_train),
     "fused": ("the training step after the pass pipeline (--pipeline), as kernels", _stage_fused),
+    "loops": ("each kernel of the fused training step as loop nests: the kernel IR the backends print",
+              _stage_loops),
     "kernels": ("the generated Numba CPU source of the fused training step", _stage_kernels),
 }
 DEFAULT_PIPELINE = "simplify,fuse,memory-plan"

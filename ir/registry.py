@@ -124,6 +124,38 @@ class RowsCheck:
 
 
 @dataclass(frozen=True)
+class RowStat:
+    """A statistic of one row: ``combine`` (``sum`` or ``max``) of ``element`` over the row's
+    elements, from ``identity`` (an expression; '' for the combine's own: 0 or -inf), then
+    ``finish`` (an expression of the accumulated value ``{acc}``; '' to keep it)."""
+
+    name: str
+    combine: str
+    element: str
+    identity: str = ""
+    finish: str = ""
+
+
+@dataclass(frozen=True)
+class RowProgram:
+    """A row op as statistics of each row, per-row scalars and the result per element (or per
+    row, ``result="scalar"``: averaged over the rows, a loss). Codegen makes one loop over the
+    row per level of statistics (those reading no other statistic first) and one for the
+    result, sharing statistics of the same name with the kernel's other row ops.
+
+    Expressions are templates over ``{x}`` (the row's element at ``{j}``), ``{x@name}`` (the row
+    at the index in per-row scalar ``name``), ``{C}`` and ``{R}`` (row length, row count), ``{F}``
+    (the float constructor), statistics and scalars by name, the op's attributes, and operand k
+    as ``{in1}``, ``{in2}``...: a scalar, a vector along the row (``[j]``) or a value per row."""
+
+    stats: tuple[RowStat, ...]
+    lets: tuple[tuple[str, str], ...] = ()  # per-row scalars (name, expression), in order
+    out: str = ""  # the result element (or the per-row value for a scalar result)
+    result: str = "row"  # "row" or "scalar"
+    provides: tuple[tuple[str, str], ...] = ()  # statistics other row ops want, from this one's (no loop)
+
+
+@dataclass(frozen=True)
 class OpDef:
     """Everything about one op, for every stage that asks.
 
@@ -136,10 +168,11 @@ class OpDef:
       rank-0 result is an immediate (a literal in the code), not a buffer (``const``).
     - ``lowering``: what codegen needs, shared by the backends: ``expr`` (elementwise: a scalar
       expression template), ``combine``/``identity``/``finish`` (reductions: ``{a} + {b}``, ``0``
-      or ``lowest``, ``mean`` to divide by the count), ``template`` (structured ops: the name of
-      the kernel template a backend prints), ``row_axis`` (row ops: ``node -> axis``, default
-      the last), ``row_stat`` (the row statistic the template needs first: ``max`` or
-      ``mean``), ``row_result`` (``row``, or ``scalar``: one value accumulated over the rows).
+      or ``lowest``, ``mean`` to divide by the count), ``row`` (row ops: a :class:`RowProgram`),
+      ``row_axis`` (row ops: ``node -> axis``, default the last), ``nest`` (other structured
+      ops: ``nest(builder, node)`` writes the op's loop nest with the builder of
+      ``codegen/loop_nests.py``), ``template`` (a named structured op a backend prints itself:
+      ``gemm``).
     - ``scalar_operands``: operand positions a structured kernel reads as one scalar (so a
       constant may stay a literal there).
     - ``checks``: what the runtime verifies of the arguments before launching (IndexCheck,

@@ -63,6 +63,17 @@ def test_fused_stage_explains_and_dumps_every_pass(capsys, tmp_path):
     assert "backward of %loss: 10 nodes for the gradients of 4 params" in out
 
 
+def test_loops_stage_prints_every_kernel_as_loop_nests(capsys):
+    """The backend-neutral kernel IR: the cross-entropy rows as a loop per statistic level, the
+    label read through the row (indirect), the bias gradient accumulated in order."""
+    code, out, _ = run(capsys, "show", MLP, "--stage", "loops")
+    assert code == 0 and out.count("kernel k") == 8
+    assert "(row: softmax_cross_entropy, softmax_cross_entropy_grad)" in out
+    assert "for j < C; row_max = max(row_max, max_e) from f32(-np.inf):" in out
+    assert "[i0, *label]" in out and "= gemm(%reluᵀ, %grad.fc2)" in out
+    assert "(in order):" in out and "] += " in out
+
+
 @pytest.mark.parametrize(("source", "message"), [
     ("import gradfuse as gf\nmodel = 3\n", "'model' is a int, not a gradfuse.Model"),
     ("def broken(:\n", "syntax error"),

@@ -9,6 +9,7 @@ then checks its own slice of the results.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -506,7 +507,8 @@ def test_a_row_op_without_epilogue_works_in_its_output_row(fused, name):
     overwrites; the scenario test above checks the numbers."""
     k = kernel_of(fused.program, name)
     code = fused.program.source.split(f"\ndef {k.name}(")[1].split("\ndef ")[0]
-    assert "np.empty(C" not in code and "t_x = b_" in code, code
+    out = "b_" + name.replace(".", "_")
+    assert "np.empty(" not in code and re.search(rf"{out}\[[^]]*\] = v_", code) and f" = {out}[" in code, code
 
 
 def test_fused_float32_kernels_compute_in_float32(fused):

@@ -10,7 +10,7 @@ import numpy as np
 
 from gradfuse.errors import InputError, ShapeError
 
-from ..registry import Attr, IndexCheck, OpDef, RowsCheck, register
+from ..registry import Attr, IndexCheck, OpDef, RowProgram, RowsCheck, RowStat, register
 from ..types import DType, TensorType
 from .common import FLOATS, check_axis, require_dtype, require_rank, same_dtype
 
@@ -54,14 +54,21 @@ def _attr_axis(node) -> int:
     return node.attrs["axis"]
 
 
+_MAX = RowStat("max", "max", "{x}")
+_SUMEXP = RowStat("sumexp", "sum", "fast_exp_{F}({x} - {max})")
+_SOFTMAX_ROWS = RowProgram((_MAX, _SUMEXP), lets=(("inv", "{F}(1.0) / {sumexp}"),),
+                           out="fast_exp_{F}({x} - {max}) * {inv}")
+_LOG_SOFTMAX_ROWS = RowProgram((_MAX, _SUMEXP), lets=(("lse", "{max} + math.log({sumexp})"),), out="{x} - {lse}")
+
+
 register(OpDef("softmax", "structured", _softmax_infer("softmax"),
                lambda x, *, axis: np.exp(log_softmax_ref(x, axis)).astype(x.dtype), arity=1,
                attrs={"axis": Attr("int")}, doc="exp(x) / sum(exp(x)) along axis", vjp=_softmax_vjp,
-               role="row", lowering={"template": "softmax_rows", "row_axis": _attr_axis, "row_stat": "max"}))
+               role="row", lowering={"row": _SOFTMAX_ROWS, "row_axis": _attr_axis}))
 register(OpDef("log_softmax", "structured", _softmax_infer("log_softmax"),
                lambda x, *, axis: log_softmax_ref(x, axis).astype(x.dtype), arity=1,
                attrs={"axis": Attr("int")}, doc="x - logsumexp(x) along axis", vjp=_log_softmax_vjp,
-               role="row", lowering={"template": "log_softmax_rows", "row_axis": _attr_axis, "row_stat": "max"}))
+               role="row", lowering={"row": _LOG_SOFTMAX_ROWS, "row_axis": _attr_axis}))
 
 
 # ---- losses (mean over every example) ----------------------------------------------------
@@ -120,17 +127,37 @@ def xent_grad_ref(logits, labels, g):
     return (p * (g / max(labels.size, 1))).astype(logits.dtype)
 
 
+# -log softmax(x)[label] = (m - x[label]) + log1p(sumexp - 1), as xent_ref: a confident row's small
+# loss is never rounded at the size of m or of 1. sumexp - 1 is ``more + below``: how many x_j
+# beyond one equal the max m, and the e^(x_j - m) of the others (a NaN lands there) - products,
+# not branches, so that the loop vectorises (a conditional add ran 5x slower), and not
+# e - [d == 0], which reassociation turns into Σe - Σ[d == 0] (1 + tiny - 1). ``abs`` of m - x[label]
+# (>= 0 anyway) is an intrinsic fastmath's reassociation does not see through: without it LLVM
+# summed ``acc + m - x[label] + ...`` in an order that rounds at m again (6e-2 relative).
+_XENT_ROWS = RowProgram(
+    (_MAX, RowStat("more", "sum", "{F}({x} - {max} == {F}(0.0))", identity="{F}(-1.0)"),
+     RowStat("below", "sum", "fast_exp_{F}({x} - {max}) * {F}({x} - {max} != {F}(0.0))")),
+    lets=(("label", "{in1}"),), out="abs({max} - {x@label}) + math.log1p({more} + {below})", result="scalar",
+    provides=(("sumexp", "({more} + {F}(1.0)) + {below}"),))
+# the label's (p - 1) g / R as one product, as xent_grad_ref: p g/R - g/R is inf - inf (NaN) for an
+# infinite g; p at the label is read before the result loop, which may overwrite the row in place
+_XENT_GRAD_ROWS = RowProgram(
+    (_MAX, _SUMEXP),
+    lets=(("label", "{in1}"), ("scale", "{in2} / ({F}({R}) * {sumexp})"), ("hit", "{in2} / {F}({R})"),
+          ("p_label", "fast_exp_{F}({x@label} - {max}) / {sumexp}")),
+    out="(({p_label} - {F}(1.0)) * {hit} if {j} == {label} else fast_exp_{F}({x} - {max}) * {scale})")
+
 _LABELS = IndexCheck(1, lambda node: node.inputs[0].type.shape[-1], "labels")  # class indices into the logits
 register(OpDef("softmax_cross_entropy", "structured", _xent_infer, xent_ref, arity=2,
                doc="mean over rows of -log softmax(logits)[label]; labels are integer classes",
                vjp=lambda ctx, g: [ctx.emit("softmax_cross_entropy_grad", *ctx.inputs, g,
                                             rule="(softmax(z) - onehot(y)) / n"), None],
-               role="row", lowering={"template": "xent_rows", "row_stat": "max", "row_result": "scalar"},
+               role="row", lowering={"row": _XENT_ROWS},
                checks=(_LABELS,)))
 register(OpDef("softmax_cross_entropy_grad", "structured", _xent_grad_infer, xent_grad_ref, arity=3,
                doc="g * (softmax(logits) - onehot(labels)) / rows: the closed-form backward of "
                    "softmax_cross_entropy", nondiff=_BACKWARD_OP,
-               role="row", lowering={"template": "xent_grad_rows", "row_stat": "max"}, scalar_operands=frozenset({2}),
+               role="row", lowering={"row": _XENT_GRAD_ROWS}, scalar_operands=frozenset({2}),
                checks=(_LABELS,)))
 
 
@@ -153,14 +180,29 @@ def _mse_grad_infer(p, t, g):
     return p
 
 
+def _mse_nest(b, n):
+    p, t = n.inputs
+    with b.loop(p.type.shape) as i:
+        d = b.let(f"{b.load(p, i)} - {b.load(t, i)}", "d")
+        acc = b.accumulate("sum", b.let(f"{d} * {d}"))
+    b.store(n.outputs[0], [], b.let(f"{acc} / {b.F}({b.count(p.type.shape)})"))
+
+
+def _mse_grad_nest(b, n):
+    p, t, g = n.inputs
+    scale = b.let(f"{b.F}(2.0) * {b.scalar(g)} / {b.F}({b.count(p.type.shape)})", "scale")
+    with b.loop(p.type.shape) as i:
+        b.store(n.outputs[0], i, b.let(f"({b.load(p, i)} - {b.load(t, i)}) * {scale}"))
+
+
 register(OpDef("mse", "structured", _mse_infer,
                lambda p, t: np.asarray(np.mean((p - t) ** 2), dtype=p.dtype), arity=2,
                doc="mean over every element of (pred - target)^2", vjp=_mse_vjp,
-               role="row", lowering={"template": "mse_total"}))
+               role="row", lowering={"nest": _mse_nest}))
 register(OpDef("mse_grad", "structured", _mse_grad_infer,
                lambda p, t, g: (2.0 * (p - t) * (g / max(p.size, 1))).astype(p.dtype), arity=3,
                doc="g * 2 (pred - target) / n: the closed-form backward of mse", nondiff=_BACKWARD_OP,
-               role="row", lowering={"template": "mse_grad_total"}, scalar_operands=frozenset({2})))
+               role="row", lowering={"nest": _mse_grad_nest}, scalar_operands=frozenset({2})))
 
 
 # ---- normalisation -----------------------------------------------------------------------
@@ -254,17 +296,131 @@ def _bn_train_vjp(ctx, g, g_mean, g_var):
 _BN_RULE = "through the batch statistics: dx = (dx̂ - mean(dx̂) - x̂ mean(dx̂ x̂)) / σ, dγ = Σ g x̂, dβ = Σ g"
 
 
+_LAYER_NORM_ROWS = RowProgram(
+    (RowStat("mean", "sum", "{x}", finish="{acc} / {F}({C})"),
+     RowStat("var", "sum", "({x} - {mean}) * ({x} - {mean})", finish="{acc} / {F}({C})")),
+    lets=(("rstd", "{F}(1.0) / math.sqrt({var} + {F}({eps}))"),), out="({x} - {mean}) * {rstd} * {in1} + {in2}")
+
+
+def _layer_norm_grad_nest(b, n):
+    """Per row: mean, variance, then s1 = mean(dx̂), s2 = mean(dx̂ x̂) with dγ, dβ accumulated over
+    the rows (so the rows run in order), then dx = (dx̂ - s1 - x̂ s2) / σ."""
+    x, gamma, g = n.inputs
+    dx, dgamma, dbeta = n.outputs
+    F, C = b.F, x.type.shape[-1]
+    n_c = f"{F}({C})"
+    b.fill(dgamma, f"{F}(0.0)")
+    b.fill(dbeta, f"{F}(0.0)")
+    with b.loop(x.type.shape[:-1], independent=False, names="r") as r:
+        with b.loop([C], names="j") as (j,):
+            mean = b.accumulate("sum", b.load(x, [*r, j]))
+        mean = b.let(f"{mean} / {n_c}", "mean")
+        with b.loop([C], names="j") as (j,):
+            d = b.let(f"{b.load(x, [*r, j])} - {mean}", "d")
+            var = b.accumulate("sum", b.let(f"{d} * {d}"))
+        rstd = b.let(f"{F}(1.0) / math.sqrt({var} / {n_c} + {b.lit(n.attrs['eps'])})", "rstd")
+        with b.loop([C], names="j") as (j,):
+            xh = b.let(f"({b.load(x, [*r, j])} - {mean}) * {rstd}", "xh")
+            gj = b.load(g, [*r, j], "g")
+            d = b.let(f"{gj} * {b.load(gamma, [j])}", "d")
+            s1 = b.accumulate("sum", d, name="s1")
+            s2 = b.accumulate("sum", b.let(f"{d} * {xh}"), name="s2")
+            b.store(dgamma, [j], b.let(f"{gj} * {xh}"), add=True)
+            b.store(dbeta, [j], gj, add=True)
+        s1, s2 = b.let(f"{s1} / {n_c}", "s1"), b.let(f"{s2} / {n_c}", "s2")
+        with b.loop([C], names="j") as (j,):
+            xh = b.let(f"({b.load(x, [*r, j])} - {mean}) * {rstd}", "xh")
+            dxh = b.let(f"{b.load(g, [*r, j])} * {b.load(gamma, [j])}", "dxh")
+            b.store(dx, [*r, j], b.let(f"{rstd} * ({dxh} - {s1} - {xh} * {s2})"))
+
+
+def _column_stats(b, x, eps: float):
+    """Per-feature mean, biased variance and 1/sqrt(var + eps) of the rows of ``x`` (all axes but
+    the last) into scratch vectors, accumulated in memory order."""
+    F, C, lead = b.F, x.type.shape[-1], x.type.shape[:-1]
+    rows = f"{F}({b.count(lead)})"
+    mean, var = b.scratch([C], x.type.dtype, f"{F}(0.0)", "mean"), b.scratch([C], x.type.dtype, f"{F}(0.0)", "var")
+    rstd = b.scratch([C], x.type.dtype, None, "rstd")
+    with b.loop(x.type.shape, independent=False) as i:
+        b.store(mean, [i[-1]], b.load(x, i), add=True)
+    with b.loop([C], names="j") as (j,):
+        b.store(mean, [j], b.let(f"{b.load(mean, [j])} / {rows}"))
+    with b.loop(x.type.shape, independent=False) as i:
+        d = b.let(f"{b.load(x, i)} - {b.load(mean, [i[-1]])}", "d")
+        b.store(var, [i[-1]], b.let(f"{d} * {d}"), add=True)
+    with b.loop([C], names="j") as (j,):
+        v = b.let(f"{b.load(var, [j])} / {rows}", "v")
+        b.store(var, [j], v)
+        b.store(rstd, [j], b.let(f"{F}(1.0) / math.sqrt({v} + {b.lit(eps)})"))
+    return mean, var, rstd
+
+
+def _batch_norm_train_nest(b, n):
+    x, gamma, beta, running_mean, running_var = n.inputs
+    y, new_mean, new_var = n.outputs
+    F, m, C = b.F, n.attrs["momentum"], x.type.shape[-1]
+    mean, var, rstd = _column_stats(b, x, n.attrs["eps"])
+    with b.loop(x.type.shape) as i:
+        j = i[-1]
+        xh = b.let(f"({b.load(x, i)} - {b.load(mean, [j])}) * {b.load(rstd, [j])}", "xh")
+        b.store(y, i, b.let(f"{xh} * {b.load(gamma, [j])} + {b.load(beta, [j])}"))
+    rows = b.count(x.type.shape[:-1])
+    with b.loop([C], names="j") as (j,):  # running statistics: the unbiased variance, as PyTorch keeps it
+        b.store(new_mean, [j], b.let(f"{b.lit(1 - m)} * {b.load(running_mean, [j])} + {b.lit(m)} * "
+                                     f"{b.load(mean, [j])}"))
+        b.store(new_var, [j], b.let(f"{b.lit(1 - m)} * {b.load(running_var, [j])} + {b.lit(m)} * "
+                                    f"({b.load(var, [j])} * {F}({rows}) / {F}({rows} - 1))"))
+
+
+def _batch_norm_grad_nest(b, n):
+    """dx, dγ, dβ through the batch statistics, per feature over the rows (in memory order)."""
+    x, gamma, g = n.inputs
+    dx, dgamma, dbeta = n.outputs
+    F, C = b.F, x.type.shape[-1]
+    rows = f"{F}({b.count(x.type.shape[:-1])})"
+    mean, _, rstd = _column_stats(b, x, n.attrs["eps"])
+    s1, s2 = b.scratch([C], x.type.dtype, f"{F}(0.0)", "s1"), b.scratch([C], x.type.dtype, f"{F}(0.0)", "s2")
+    b.fill(dgamma, f"{F}(0.0)")
+    b.fill(dbeta, f"{F}(0.0)")
+    with b.loop(x.type.shape, independent=False) as i:
+        j = i[-1]
+        xh = b.let(f"({b.load(x, i)} - {b.load(mean, [j])}) * {b.load(rstd, [j])}", "xh")
+        gi = b.load(g, i, "g")
+        d = b.let(f"{gi} * {b.load(gamma, [j])}", "d")
+        b.store(s1, [j], d, add=True)
+        b.store(s2, [j], b.let(f"{d} * {xh}"), add=True)
+        b.store(dgamma, [j], b.let(f"{gi} * {xh}"), add=True)
+        b.store(dbeta, [j], gi, add=True)
+    with b.loop([C], names="j") as (j,):
+        b.store(s1, [j], b.let(f"{b.load(s1, [j])} / {rows}"))
+        b.store(s2, [j], b.let(f"{b.load(s2, [j])} / {rows}"))
+    with b.loop(x.type.shape) as i:
+        j = i[-1]
+        r = b.load(rstd, [j], "rstd")
+        xh = b.let(f"({b.load(x, i)} - {b.load(mean, [j])}) * {r}", "xh")
+        dxh = b.let(f"{b.load(g, i)} * {b.load(gamma, [j])}", "dxh")
+        b.store(dx, i, b.let(f"{r} * ({dxh} - {b.load(s1, [j])} - {xh} * {b.load(s2, [j])})"))
+
+
+def _batch_norm_infer_nest(b, n):
+    x, gamma, beta, mean, var = n.inputs
+    with b.loop(x.type.shape) as i:
+        j = i[-1]
+        scale = b.let(f"{b.load(gamma, [j])} / math.sqrt({b.load(var, [j])} + {b.lit(n.attrs['eps'])})", "scale")
+        b.store(n.outputs[0], i, b.let(f"({b.load(x, i)} - {b.load(mean, [j])}) * {scale} + {b.load(beta, [j])}"))
+
+
 _NORM_GRAD_OUTPUTS = ("dx", "dgamma", "dbeta")
 register(OpDef("layer_norm", "structured", _layer_norm_infer, layer_norm_ref, arity=3,
                attrs={"eps": Attr("float", 1e-5)},
                doc="normalise over the last axis to zero mean and unit variance, then scale and shift",
                vjp=_norm_vjp("layer_norm_grad", "dx = (dx̂ - mean(dx̂) - x̂ mean(dx̂ x̂)) / σ, dγ = Σ g x̂, dβ = Σ g"),
-               role="row", lowering={"template": "layer_norm_rows", "row_stat": "mean"}))
+               role="row", lowering={"row": _LAYER_NORM_ROWS}))
 register(OpDef("layer_norm_grad", "structured", _norm_grad_infer("layer_norm_grad"),
                lambda x, gamma, g, *, eps: norm_grad_ref(x, gamma, g, eps, (-1,)), arity=3,
                attrs={"eps": Attr("float", 1e-5)}, output_names=_NORM_GRAD_OUTPUTS,
                doc="the backward of layer_norm: (dx, dgamma, dbeta)", nondiff=_BACKWARD_OP,
-               role="row", lowering={"template": "norm_grad_rows"}))
+               role="row", lowering={"nest": _layer_norm_grad_nest}))
 
 
 def _batch_norm_check(op, x, gamma, beta, mean, var):
@@ -298,13 +454,13 @@ register(OpDef("batch_norm_train", "structured", _bn_train_infer, bn_train_ref, 
                output_names=("out", "running_mean", "running_var"),
                doc="normalise each feature (last axis) with the batch's mean and variance; also returns "
                    "the running statistics updated with momentum (unbiased variance, as PyTorch)",
-               vjp=_bn_train_vjp, role="row", lowering={"template": "batch_norm_columns"},
+               vjp=_bn_train_vjp, role="row", lowering={"nest": _batch_norm_train_nest},
                checks=(RowsCheck(0),), aligned={1: 3, 2: 4}))
 register(OpDef("batch_norm_train_grad", "structured", _norm_grad_infer("batch_norm_train_grad"),
                lambda x, gamma, g, *, eps: norm_grad_ref(x, gamma, g, eps, tuple(range(x.ndim - 1))), arity=3,
                attrs={"eps": Attr("float", 1e-5)}, output_names=_NORM_GRAD_OUTPUTS,
                doc="the backward of batch_norm_train through the batch statistics: (dx, dgamma, dbeta)",
-               nondiff=_BACKWARD_OP, role="row", lowering={"template": "norm_grad_columns"}))
+               nondiff=_BACKWARD_OP, role="row", lowering={"nest": _batch_norm_grad_nest}))
 
 
 def _bn_infer_infer(x, gamma, beta, mean, var, *, eps: float):
@@ -343,7 +499,7 @@ register(OpDef("batch_norm_infer", "structured", _bn_infer_infer,
                lambda x, g, b, m, v, *, eps: ((x - m) / np.sqrt(v + eps) * g + b).astype(x.dtype), arity=5,
                attrs={"eps": Attr("float", 1e-5)},
                doc="normalise each feature with the running statistics (inference mode)", vjp=_bn_infer_vjp,
-               role="row", lowering={"template": "batch_norm_infer_columns"}))
+               role="row", lowering={"nest": _batch_norm_infer_nest}))
 
 
 # ---- lookup ------------------------------------------------------------------------------
@@ -365,9 +521,26 @@ def _embedding_vjp(ctx, g):
                      rows=table.type.shape[0]), None]
 
 
+def _embedding_nest(b, n):
+    table, ids = n.inputs
+    with b.loop(ids.type.shape) as i:
+        row = b.load(ids, i, "row")
+        with b.loop([table.type.shape[1]], names="d") as (d,):
+            b.store(n.outputs[0], [*i, d], b.load(table, [b.via(row), d]))
+
+
+def _embedding_grad_nest(b, n):
+    ids, g = n.inputs
+    b.fill(n.outputs[0], f"{b.F}(0.0)")
+    with b.loop(ids.type.shape, independent=False) as i:  # ids may repeat: rows add up in order
+        row = b.load(ids, i, "row")
+        with b.loop([g.type.shape[-1]], names="d") as (d,):
+            b.store(n.outputs[0], [b.via(row), d], b.load(g, [*i, d]), add=True)
+
+
 register(OpDef("embedding", "structured", _embedding_infer, embedding_ref, arity=2,
                doc="rows of table picked by integer ids: out[..., :] = table[ids[...], :]", vjp=_embedding_vjp,
-               lowering={"template": "gather_rows"},
+               lowering={"nest": _embedding_nest},
                checks=(IndexCheck(1, lambda node: node.inputs[0].type.shape[0], "ids"),)))
 
 
@@ -392,5 +565,5 @@ def embedding_grad_ref(ids, g, *, rows: int):
 register(OpDef("embedding_grad", "structured", _embedding_grad_infer, embedding_grad_ref, arity=2,
                attrs={"rows": Attr("int")}, doc="the backward of embedding: rows of g summed into a zero table "
                                                 "at ids (scatter-add)", nondiff=_BACKWARD_OP,
-               lowering={"template": "scatter_add_rows"},
+               lowering={"nest": _embedding_grad_nest},
                checks=(IndexCheck(0, lambda node: node.attrs["rows"], "ids"),)))

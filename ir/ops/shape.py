@@ -40,6 +40,52 @@ def _transpose_infer(x: TensorType, *, perm) -> TensorType:
     return x.with_shape([x.shape[p] for p in perm])
 
 
+# ---- loop nests (the builder of codegen/loop_nests.py: b.loop, b.load, b.store, b.at) -------------
+def _transpose_nest(b, n):
+    perm = n.attrs["perm"]
+    with b.loop(n.outputs[0].type.shape) as i:
+        src = [None] * len(perm)
+        for out_axis, in_axis in enumerate(perm):
+            src[in_axis] = i[out_axis]
+        b.store(n.outputs[0], i, b.load(n.inputs[0], src))
+
+
+def _broadcast_nest(b, n):
+    x, y = n.inputs[0], n.outputs[0]
+    off = y.type.rank - x.type.rank
+    with b.loop(y.type.shape) as i:
+        src = [0 if d == 1 and y.type.shape[off + j] != 1 else i[off + j] for j, d in enumerate(x.type.shape)]
+        b.store(y, i, b.load(x, src))
+
+
+def _strided(i: list, a, b) -> list:
+    """``i`` with the sliced axis at ``start + i * step``."""
+    out = list(i)
+    out[a["axis"]] = b.at(i[a["axis"]], a["step"], a["start"])
+    return out
+
+
+def _slice_nest(b, n):
+    with b.loop(n.outputs[0].type.shape) as i:
+        b.store(n.outputs[0], i, b.load(n.inputs[0], _strided(i, n.attrs, b)))
+
+
+def _slice_grad_nest(b, n):
+    b.fill(n.outputs[0], "0")
+    with b.loop(n.inputs[0].type.shape) as i:
+        b.store(n.outputs[0], _strided(i, n.attrs, b), b.load(n.inputs[0], i))
+
+
+def _concat_nest(b, n):
+    axis, offset = n.attrs["axis"], 0
+    for v in n.inputs:
+        with b.loop(v.type.shape) as i:
+            dst = list(i)
+            dst[axis] = b.at(i[axis], 1, offset)
+            b.store(n.outputs[0], dst, b.load(v, i))
+        offset += v.type.shape[axis]
+
+
 def _transpose_vjp(ctx, g):
     inverse = list(np.argsort(ctx.attrs["perm"]).tolist())
     return [ctx.emit("transpose", g, rule="g with the inverse permutation", perm=inverse)]
@@ -47,7 +93,7 @@ def _transpose_vjp(ctx, g):
 
 register(OpDef("transpose", "shape", _transpose_infer, lambda x, *, perm: np.transpose(x, perm), arity=1,
                attrs={"perm": Attr("ints")}, doc="permute axes: out.shape[i] = x.shape[perm[i]]", vjp=_transpose_vjp,
-               lowering={"template": "permute_copy"}))
+               lowering={"nest": _transpose_nest}))
 
 
 def _broadcast_infer(x: TensorType, *, shape) -> TensorType:
@@ -60,7 +106,7 @@ def _broadcast_infer(x: TensorType, *, shape) -> TensorType:
 register(OpDef("broadcast_to", "shape", _broadcast_infer,
                lambda x, *, shape: np.array(np.broadcast_to(x, shape)), arity=1,
                attrs={"shape": Attr("dims")}, doc="repeat size-1 (or missing leading) axes",
-               vjp=lambda ctx, g: [ctx.unbroadcast(g, ctx.inputs[0].type)], lowering={"template": "broadcast_copy"}))
+               vjp=lambda ctx, g: [ctx.unbroadcast(g, ctx.inputs[0].type)], lowering={"nest": _broadcast_nest}))
 
 
 def _slice_infer(x: TensorType, *, axis: int, start: int, stop: int, step: int) -> TensorType:
@@ -92,7 +138,7 @@ def _slice_vjp(ctx, g):
 _SLICE_ATTRS = {"axis": Attr("int"), "start": Attr("int"), "stop": Attr("int"), "step": Attr("int", 1)}
 register(OpDef("slice", "shape", _slice_infer, _slice_ref, arity=1, attrs=_SLICE_ATTRS,
                doc="x[start:stop:step] along one axis (normalised: 0 <= start <= stop <= size)", vjp=_slice_vjp,
-               lowering={"template": "strided_copy"}))
+               lowering={"nest": _slice_nest}))
 
 
 def _slice_grad_infer(g: TensorType, *, axis, start, stop, step, size) -> TensorType:
@@ -120,7 +166,7 @@ register(OpDef("slice_grad", "shape", _slice_grad_infer, _slice_grad_ref, arity=
                doc="the transpose of slice: g written into [start:stop:step] of a zero tensor with `size` along axis",
                vjp=lambda ctx, g: [ctx.emit("slice", g, rule="the slice of g", **{
                    k: ctx.attrs[k] for k in ("axis", "start", "stop", "step")})],
-               lowering={"template": "strided_scatter"}))
+               lowering={"nest": _slice_grad_nest}))
 
 
 def _concat_infer(*xs: TensorType, axis: int) -> TensorType:
@@ -152,4 +198,4 @@ def _concat_vjp(ctx, g):
 
 register(OpDef("concat", "shape", _concat_infer, lambda *xs, axis: np.concatenate(xs, axis=axis), arity=None,
                attrs={"axis": Attr("int")}, doc="join tensors along an existing axis", vjp=_concat_vjp,
-               lowering={"template": "concat_copy"}))
+               lowering={"nest": _concat_nest}))
