@@ -44,22 +44,17 @@ PARALLEL_CANDIDATE = 1 << 16
 # x / 0 gives inf or nan as in numpy (the reference), not Python's ZeroDivisionError, whose check
 # is a branch in every division of every loop
 NUMPY_ERRORS = "error_model='numpy'"
-# fast-math without 'nnan' and 'ninf': reassociation (vectorised reductions), FMA contraction and
-# reciprocals, but inf and nan stay IEEE (with them LLVM folded x / (s - s) to a finite number)
-FASTMATH = "{'reassoc', 'contract', 'arcp', 'nsz'}"
-# ... and reassociation only in kernels that accumulate (reductions, row statistics), which it
-# vectorises: elsewhere it only rewrites arithmetic, and x + (x - x) became x (inf where numpy's
-# inf - inf gives NaN); an elementwise loop vectorises without it. Where it stays it still reaches
-# the fused elementwise work ((x + m) - x gives m at x = inf); an accumulation through a helper
-# compiled with 'reassoc' (LLVM inlines it, its fadd keeps the flag) measured as fast in a kernel
-# without it (4M-element sum: 0.238 ms, 0.221 with 'reassoc' throughout, 3.4 without any).
-FASTMATH_NO_REASSOC = "{'contract', 'arcp', 'nsz'}"
-ACCUMULATING = ("reduction", "row")
-
-
-def fastmath_flags(k: Kernel) -> str:
-    """The fast-math flags of kernel ``k``'s function (see FASTMATH)."""
-    return FASTMATH if k.kind in ACCUMULATING else FASTMATH_NO_REASSOC
+# fast-math without 'nnan' and 'ninf' (with them LLVM folded x / (s - s) to a finite number), and
+# without 'reassoc' in the kernels: it rewrites arithmetic, x + (x - x) became x and (x + m) - x
+# became m (inf where numpy's inf - inf gives NaN). Sums vectorise with it, so each accumulation
+# goes through ``accumulate_F``, a function compiled with 'reassoc' that Numba does not inline
+# (LLVM does, and its fadd keeps the flag): a 4M-element sum took 0.238 ms so, 0.221 with
+# 'reassoc' throughout, 3.4 without any. Helpers are inlined by Numba and take the kernel's flags.
+FASTMATH = "{'contract', 'arcp', 'nsz'}"
+ACCUMULATE = """@njit(cache=True, fastmath={{'reassoc', 'contract', 'arcp', 'nsz'}}, nogil=True, {errors})
+def accumulate_{F}(acc, x):
+    return acc + x
+"""
 
 
 def missing_lowering(op: OpDef) -> str | None:
@@ -208,8 +203,13 @@ class KernelPrinter:
             w(f"for {v} in {'prange' if parallel and d == 0 else 'range'}({e}):")
             w.indent()
         self.stmts(f.body)
-        for r in f.reductions:
-            w(f"{r.acc} += {r.operand}" if r.combine == SUM else f"{r.acc} = {r.combine.format(a=r.acc, b=r.operand)}")
+        for r in f.reductions:  # a prange's sums are Numba's parallel reductions (which want +=)
+            if r.combine == SUM and (parallel or r.ctor not in ("f32", "f64")):
+                w(f"{r.acc} += {r.operand}")
+            elif r.combine == SUM:
+                w(f"{r.acc} = accumulate_{r.ctor}({r.acc}, {r.operand})")
+            else:
+                w(f"{r.acc} = {r.combine.format(a=r.acc, b=r.operand)}")
         w.dedent(len(f.vars))
 
 
@@ -336,18 +336,17 @@ f32, f64, i32, i64, b1 = np.float32, np.float64, np.int32, np.int64, np.bool_
 '''
 
 
-def print_module(prog: KernelProgram, fastmath: bool = True, in_place: frozenset[str] = frozenset()) -> str:
+def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset()) -> str:
     """The whole program as Python source: the kernels, a Python ``step`` calling them in order
     (a dispatch per kernel, but nothing compiled twice: Numba links every kernel into a jitted
     caller and compiles it all again), and ``checked_step``, which small programs compile for
     one dispatch per call. ``in_place`` names the updated arguments whose new value the runtime
     has the kernels write straight into the argument (the memory plan): those need no copy."""
     g = prog.graph
-    flags = FASTMATH if fastmath else False  # the helpers' (inlined into each kernel, which sets its own)
+    kflags = FASTMATH  # the kernels' and the helpers' (which Numba inlines)
     body = Writer()
     serial: dict[str, str] = {}  # parallel kernel -> the element count that decides, at run time
     for k in prog.kernels:
-        kflags = fastmath_flags(k) if fastmath else False
         kernel = Writer()
         kernel.indent()
         kp = KernelPrinter(k, kernel, prog, in_place)
@@ -388,8 +387,9 @@ def print_module(prog: KernelProgram, fastmath: bool = True, in_place: frozenset
     body("return 0")
     body.dedent()
     code = "\n".join(body.lines)
-    helpers = [helper_source(name, ftype, f"@njit(cache=True, fastmath={flags}, inline='always', {NUMPY_ERRORS})")
+    helpers = [helper_source(name, ftype, f"@njit(cache=True, fastmath={kflags}, inline='always', {NUMPY_ERRORS})")
                for name, ftype in ordered_helpers(helpers_used(code))]
+    helpers += [ACCUMULATE.format(F=F, errors=NUMPY_ERRORS) for F in ("f32", "f64") if f"accumulate_{F}(" in code]
     imports = ("\nfrom gradfuse.codegen.blas import gemm as blas_gemm, require as require_blas\n\n"
                f"require_blas()  # codegen/blas.py {blas.SOURCE_HASH}\n") if "blas_gemm(" in code else ""
     header = HEADER.format(name=g.name, what="one training/inference step as Numba kernels", imports=imports)

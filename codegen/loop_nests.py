@@ -76,6 +76,7 @@ class Reduction:
     combine: str  # a template of the accumulated {a} and the operand {b}: "{a} + {b}" (a sum), ...
     identity: str
     operand: str  # the local combined in at the end of each iteration
+    ctor: str  # the accumulator's type (f32, f64, i64...)
 
 
 @dataclass
@@ -191,7 +192,7 @@ class Builder:
         if identity is None:
             identity = f"{self.F}(0.0)" if combine == "sum" else f"{self.F}(-np.inf)"
         template = COMBINE.get(combine, combine)
-        self._loops[-1].reductions.append(Reduction(acc, template, identity, operand))
+        self._loops[-1].reductions.append(Reduction(acc, template, identity, operand, self.F))
         return acc
 
     def scratch(self, shape, dtype: DType, fill: str | None = None, name: str = "t") -> str:
