@@ -29,7 +29,7 @@ from gradfuse.ir.registry import OpDef, role
 
 from . import blas
 from .kernel_ir import CTOR, Kernel, KernelProgram, local_name
-from .loop_nests import SUM, For, Gemm, Ix, Let, Load, Scratch, Store, count, kernel_body, missing_nest, size_of
+from .loop_nests import SUM, For, Gemm, Let, Load, Scratch, Store, count, ix_text, kernel_body, missing_nest, size_of
 from .scalar_lib import helper_source, helpers_used, ordered_helpers
 from .targets import TARGETS
 
@@ -217,17 +217,8 @@ def _buf(b) -> str:
     return arr(b) if isinstance(b, Value) else b
 
 
-def _ix(i: Ix) -> str:
-    if i.indirect is not None:
-        return i.indirect
-    if i.var is None:
-        return str(i.offset)
-    term = i.var if i.scale == 1 else f"{i.var} * {i.scale}"
-    return term if i.offset in (0, "0") else f"{i.offset} + {term}"
-
-
 def _index(index) -> str:
-    return "[" + ", ".join(map(_ix, index)) + "]" if index else "[()]"
+    return "[" + ", ".join(map(ix_text, index)) + "]" if index else "[()]"
 
 
 # ---- GEMM ----------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class Loop:
 @dataclass
 class Kernel:
     name: str
-    kind: str  # elementwise | gemm | reduction | row | opaque
+    kind: str  # elementwise | gemm | reduction | row | layout | opaque
     nodes: list[Node]
     reads: list[Value]  # buffers read
     writes: list[Value]  # buffers written
@@ -208,7 +208,7 @@ class Lowering:
         consts_of = [v for n in nodes for v in n.inputs if self.immediate(v) is not None]
         for v in consts_of:
             consts.setdefault(local_name(v), self.immediate(v))
-        anchors = [n for n in nodes if role(n) in ("gemm", "reduction", "row", "opaque")]
+        anchors = [n for n in nodes if role(n) in ("gemm", "reduction", "row", "layout", "opaque")]
         kind = role(anchors[0]) if anchors else "elementwise"
         # symbols of every shape the code mentions: buffers, results, and element counts (``count``
         # of an axis of size N may be the only place N appears in a kernel)

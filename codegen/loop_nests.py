@@ -174,7 +174,8 @@ class Builder:
         return Ix(var=i)
 
     def load(self, buf: Value | str, index, name: str | None = None) -> str:
-        local = self.fresh(name or (local_name(buf) if isinstance(buf, Value) else f"{buf}_"))
+        # not the kernel IR's own names (``v_x``), which the elementwise loops use
+        local = self.fresh(name or ("l_" + local_name(buf)[2:] if isinstance(buf, Value) else f"{buf}_"))
         self.emit(Load(local, buf, tuple(map(self._ix, index))))
         return local
 
@@ -521,6 +522,13 @@ def _indirect(expr: str, values: dict[str, str], read_at) -> str:
 def _whole_tensor(b: Builder, k: Kernel) -> None:
     """The prologue into scratch tensors, each anchor's nest over whole tensors (an MSE and its
     gradient share a kernel), then the epilogue and finale loops."""
+    if k.kind == "layout" and k.epilogue is not None:  # the epilogue runs where the op stores
+        (a,) = k.anchors
+        b.F = float_ctor(a)
+        start = len(b.body)
+        get_op(a.op).lowering["nest"](b, a)
+        b.body[start:] = _epilogue_at_stores(b, k, a, b.body[start:])
+        return
     inputs = {v for a in k.anchors for v in a.inputs}
     outputs = [v for a in k.anchors for v in a.outputs]
     temps: dict[Value, str] = {}
@@ -558,6 +566,40 @@ def _whole_tensor(b: Builder, k: Kernel) -> None:
             used = {u for s in loop.stmts for u in s.node.inputs}
             b.elementwise(loop, i, {local_name(v): b.load(temps.get(v, v), broadcast_index(v, loop.space, i))
                                     for v in outputs if v in used})
+
+
+def _epilogue_at_stores(b: Builder, k: Kernel, a: Node, stmts: list) -> list:
+    """Each store of ``a``'s output (a layout op's, stored once per element) followed by the
+    kernel's epilogue at the stored index; the store stays only where the output is a buffer."""
+    v = a.outputs[0]
+
+    def rewrite(body: list) -> list:
+        out = []
+        for s in body:
+            if isinstance(s, For):
+                s.body = rewrite(s.body)
+            if not (isinstance(s, Store) and s.buf is v):
+                out.append(s)
+                continue
+            out.append(Let(local_name(v), s.local, a))
+            sub = Builder(k)
+            sub._names = b._names
+            sub.elementwise(k.epilogue, [ix_text(i) for i in s.index])
+            out.extend(sub.body)
+            if v in k.writes:
+                out.append(Store(v, s.index, local_name(v)))
+        return out
+    return rewrite(stmts)
+
+
+def ix_text(i: Ix) -> str:
+    """An index as an expression: ``offset + var * scale``, or the indirect local."""
+    if i.indirect is not None:
+        return i.indirect
+    if i.var is None:
+        return str(i.offset)
+    term = i.var if i.scale == 1 else f"{i.var} * {i.scale}"
+    return term if i.offset in (0, "0") else f"{i.offset} + {term}"
 
 
 def _rebind(stmts: list, temps: dict[Value, str]) -> list:

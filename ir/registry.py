@@ -75,7 +75,9 @@ def normalize_attr(op: str, name: str, kind: str, value: Any) -> Any:
     raise AssertionError(kind)
 
 
-ROLES = ("elementwise", "gemm", "reduction", "row", "opaque", "view", "immediate")
+# layout: moves data (transpose, slice, concat, gather), storing each output element once with its
+# final value, so an elementwise epilogue runs at the store; opaque: a kernel of its own
+ROLES = ("elementwise", "gemm", "reduction", "row", "layout", "opaque", "view", "immediate")
 
 
 @dataclass(frozen=True)

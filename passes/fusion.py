@@ -53,7 +53,7 @@ def _new_group(n: Node) -> Group:
     out = n.outputs[0].type.shape
     if r in ("reduction", "row"):
         return Group([n], [n], n.inputs[0].type.shape, out)
-    if r == "gemm":
+    if r in ("gemm", "layout"):
         return Group([n], [n], None, out)
     return Group([n], [], out if r == "elementwise" else None, out)
 
@@ -81,7 +81,9 @@ class Fuser:
             return f"{n.op} needs no kernel"
         if grp.kind == "opaque" or r == "opaque":
             op = n.op if r == "opaque" else grp.nodes[0].op
-            return f"{op} moves data in its own kernel (layout and gather ops are not fused)"
+            return f"{op} writes its output in its own kernel (a scatter or an overwrite: nothing fuses with it)"
+        if r == "layout":
+            return f"{n.op} moves data from memory: elementwise work may follow it in its kernel, not precede it"
         shape = n.outputs[0].type.shape
         if r == "gemm" and not self.target.gemm.prologue:
             return f"a GEMM on the {self.target.name} backend reads its operands from memory (BLAS): no prologue"

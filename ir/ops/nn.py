@@ -540,7 +540,7 @@ def _embedding_grad_nest(b, n):
 
 register(OpDef("embedding", "structured", _embedding_infer, embedding_ref, arity=2,
                doc="rows of table picked by integer ids: out[..., :] = table[ids[...], :]", vjp=_embedding_vjp,
-               lowering={"nest": _embedding_nest},
+               role="layout", lowering={"nest": _embedding_nest},
                checks=(IndexCheck(1, lambda node: node.inputs[0].type.shape[0], "ids"),)))
 
 

@@ -93,7 +93,7 @@ def _transpose_vjp(ctx, g):
 
 register(OpDef("transpose", "shape", _transpose_infer, lambda x, *, perm: np.transpose(x, perm), arity=1,
                attrs={"perm": Attr("ints")}, doc="permute axes: out.shape[i] = x.shape[perm[i]]", vjp=_transpose_vjp,
-               lowering={"nest": _transpose_nest}))
+               role="layout", lowering={"nest": _transpose_nest}))
 
 
 def _broadcast_infer(x: TensorType, *, shape) -> TensorType:
@@ -106,7 +106,8 @@ def _broadcast_infer(x: TensorType, *, shape) -> TensorType:
 register(OpDef("broadcast_to", "shape", _broadcast_infer,
                lambda x, *, shape: np.array(np.broadcast_to(x, shape)), arity=1,
                attrs={"shape": Attr("dims")}, doc="repeat size-1 (or missing leading) axes",
-               vjp=lambda ctx, g: [ctx.unbroadcast(g, ctx.inputs[0].type)], lowering={"nest": _broadcast_nest}))
+               vjp=lambda ctx, g: [ctx.unbroadcast(g, ctx.inputs[0].type)], role="layout",
+               lowering={"nest": _broadcast_nest}))
 
 
 def _slice_infer(x: TensorType, *, axis: int, start: int, stop: int, step: int) -> TensorType:
@@ -138,7 +139,7 @@ def _slice_vjp(ctx, g):
 _SLICE_ATTRS = {"axis": Attr("int"), "start": Attr("int"), "stop": Attr("int"), "step": Attr("int", 1)}
 register(OpDef("slice", "shape", _slice_infer, _slice_ref, arity=1, attrs=_SLICE_ATTRS,
                doc="x[start:stop:step] along one axis (normalised: 0 <= start <= stop <= size)", vjp=_slice_vjp,
-               lowering={"nest": _slice_nest}))
+               role="layout", lowering={"nest": _slice_nest}))
 
 
 def _slice_grad_infer(g: TensorType, *, axis, start, stop, step, size) -> TensorType:
@@ -198,4 +199,4 @@ def _concat_vjp(ctx, g):
 
 register(OpDef("concat", "shape", _concat_infer, lambda *xs, axis: np.concatenate(xs, axis=axis), arity=None,
                attrs={"axis": Attr("int")}, doc="join tensors along an existing axis", vjp=_concat_vjp,
-               lowering={"nest": _concat_nest}))
+               role="layout", lowering={"nest": _concat_nest}))
