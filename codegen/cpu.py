@@ -69,7 +69,7 @@ def fastmath_flags(k: Kernel) -> str:
 def missing_lowering(op: OpDef) -> str | None:
     """Why this backend cannot print ``op``, from its record alone; None when it can."""
     low = op.lowering
-    if op.role in ("view", "immediate"):
+    if op.role in ("view", "immediate") or "host" in low:  # host ops: the step calls the runtime
         return None
     if op.role == "elementwise":
         return None if "expr" in low else "no scalar expression (lowering['expr'])"
@@ -365,10 +365,52 @@ def _shape_mismatches(g, bound: dict[str, str]) -> list[str]:
     return out or ["False"]
 
 
+def _host(item) -> bool:
+    """Whether a schedule item is a host op (an all-reduce): the step calls the runtime for it."""
+    return isinstance(item, Kernel) and item.kind == "opaque" and "host" in get_op(item.nodes[0].op).lowering
+
+
+def _collectives(prog: KernelProgram) -> tuple[dict[int, list[str]], dict[int, list[int]]]:
+    """Where the step starts each bucket's all-reduce (after its last allreduce node, which the memory
+    plan puts right after the bucket's last gradient) and where it waits (before the first item reading
+    a reduced gradient): schedule position -> lines."""
+    nodes: dict[int, list[Node]] = {}
+    last: dict[int, int] = {}
+    for i, item in enumerate(prog.schedule):
+        if _host(item):
+            n = item.nodes[0]
+            nodes.setdefault(n.attrs["bucket"], []).append(n)
+            last[n.attrs["bucket"]] = i
+    starts: dict[int, list[str]] = {}
+    for b, ns in nodes.items():
+        outs = "".join(f"{arr(n.outputs[0])}, " for n in ns)
+        ins = "".join(f"{arr(n.inputs[0])}, " for n in ns)
+        starts.setdefault(last[b], []).append(f"_dist.start({b}, ({outs}), ({ins}), {ns[0].attrs['ranks']})")
+    waits: dict[int, list[int]] = {}
+    reduced = {n.outputs[0]: b for b, ns in nodes.items() for n in ns}
+    pending = set(nodes)
+    for i, item in enumerate(prog.schedule):
+        reads = item.inputs if isinstance(item, Node) else item.reads
+        for b in sorted({reduced[v] for v in reads if v in reduced} & pending):
+            pending.discard(b)
+            waits.setdefault(i, []).append(b)
+    return starts, waits
+
+
 def _step_body(body: Writer, prog: KernelProgram, serial: dict[str, str], in_place: frozenset[str]) -> None:
     g = prog.graph
     returned = set(prog.buffers)
-    for item in prog.schedule:
+    starts, waits = _collectives(prog)
+    in_flight = 0
+    for i, item in enumerate(prog.schedule):
+        for b in waits.get(i, []):
+            body(f"_dist.wait({b})")
+            in_flight -= 1
+        if _host(item):
+            for line in starts.get(i, []):
+                body(line)
+                in_flight += 1
+            continue
         if isinstance(item, Node):  # a view: reshape shares the buffer, or fills the one returned
             x, y = item.inputs[0], item.outputs[0]
             view = f"{arr(x)}.reshape({_shape_expr(y.type.shape)})"
@@ -382,6 +424,10 @@ def _step_body(body: Writer, prog: KernelProgram, serial: dict[str, str], in_pla
                 body(f"    {item.name}_serial{call}")
             else:
                 body(f"{item.name}{call}")
+            if in_flight:  # MPI progresses a non-blocking all-reduce only inside MPI calls
+                body("_dist.progress()")
+    if starts:
+        body("_dist.finish()")
     for old, new in g.updates:
         if new is not old and old.name not in in_place:
             body(f"{arr(old)}[...] = {arr(new)}")
@@ -420,6 +466,8 @@ def print_module(prog: KernelProgram, fastmath: bool = True, in_place: frozenset
     body = Writer()
     serial: dict[str, str] = {}  # parallel kernel -> the element count that decides, at run time
     for k in prog.kernels:
+        if _host(k):
+            continue
         kflags = fastmath_flags(k) if fastmath else False
         kernel = Writer()
         kernel.indent()
@@ -465,6 +513,8 @@ def print_module(prog: KernelProgram, fastmath: bool = True, in_place: frozenset
                for name, ftype in ordered_helpers(helpers_used(code))]
     imports = ("\nfrom gradfuse.codegen.blas import gemm as blas_gemm, require as require_blas\n\n"
                f"require_blas()  # codegen/blas.py {blas.SOURCE_HASH}\n") if "blas_gemm(" in code else ""
+    if "_dist." in code:
+        imports += "from gradfuse.runtime import distributed as _dist\n"
     header = HEADER.format(name=g.name, what="one training/inference step as Numba kernels", imports=imports)
     return header + "\n\n" + "\n\n".join(helpers) + ("\n\n" if helpers else "") + code + "\n"
 
