@@ -217,8 +217,22 @@ def world() -> World | None:
     return w if w.size > 1 else None
 
 
+_ALONE = [False]
+
+
+@contextlib.contextmanager
+def alone():
+    """Inside, this rank's steps reduce nothing (as in one process): for work that one rank does by
+    itself, such as rank 0 warming up the programs of the artifact it writes."""
+    _ALONE[0] = True
+    try:
+        yield
+    finally:
+        _ALONE[0] = False
+
+
 def start(bucket: int, outs: tuple, ins: tuple, ranks: int) -> None:
-    w = _WORLD if _WORLD is not None and _WORLD.size > 1 else None
+    w = _WORLD if _WORLD is not None and _WORLD.size > 1 and not _ALONE[0] else None
     if w is None:  # one process: the reference's meaning, the sum over ranks replicas of the same value
         for o, i in zip(outs, ins, strict=True):
             np.multiply(i, o.dtype.type(ranks), out=o)
