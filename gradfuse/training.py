@@ -243,7 +243,8 @@ def fit(compiled, data: Dataset, config: TrainConfig, resume: bool = False, prog
     ranks.start(compiled, progress)
     first = rank_batches(batches(len(data), config.batch_size, config.seed, start_epoch), ranks.size)
     sizes = {len(shard(part, r, ranks.size)) for part in first for r in range(ranks.size)}
-    warm_up(compiled, sizes)  # Numba compiles here, not inside the first epoch's throughput
+    with ranks.patience():
+        warm_up(compiled, sizes)  # Numba compiles here, not inside the first epoch's throughput
     inputs = len(compiled.inputs)
     if data.test is not None and not ranks.rank:  # a metric that fails does so now, not after the first epoch
         metrics.evaluate(compiled.predict, [a[:2] for a in data.test[:inputs]], [a[:2] for a in data.test[inputs:]])
@@ -340,6 +341,14 @@ class _Ranks:
             "saved" if any("running_" in k for k in compiled.weights) else ""
         progress.epoch(f"data-parallel over {self.size} ranks: each global batch split {self.size} ways, gradients "
                        f"all-reduced in {distributed.describe_buckets(compiled)}{norm}")
+
+    def patience(self):
+        """The start-up timeout while the ranks compile their kernels (at their own speeds)."""
+        if self.world is None:
+            return contextlib.nullcontext()
+        from gradfuse.runtime.distributed import STARTUP_TIMEOUT
+
+        return self.world.patience(STARTUP_TIMEOUT)
 
     def mean_loss(self, loss: float, epoch: int, step: int) -> float:
         if self.world is None:

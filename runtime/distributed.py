@@ -32,6 +32,7 @@ from gradfuse.errors import GradfuseError
 
 DEFAULT_TIMEOUT = float(os.environ.get("GRADFUSE_MPI_TIMEOUT", "60"))
 ALIGN = 64  # the arena's alignment (passes/memory.py): the most padding between two members of a bucket
+STARTUP_TIMEOUT = float(os.environ.get("GRADFUSE_MPI_STARTUP_TIMEOUT", "600"))  # compiling on every rank
 RNG_STRIDE = 1 << 24  # rank r draws dropout masks at step counter + r * RNG_STRIDE
 
 
@@ -135,6 +136,15 @@ class World:
                 raise RankError(f"rank {self.rank}: {self.others()} did not take part in {what} within "
                                 f"{self.timeout:g} s (died or hangs); stopping (set GRADFUSE_MPI_TIMEOUT to wait "
                                 "longer)")
+
+    @contextlib.contextmanager
+    def patience(self, seconds: float):
+        """A longer timeout inside: ranks compile their kernels at different speeds (the first steps)."""
+        keep, self.timeout = self.timeout, max(self.timeout, seconds)
+        try:
+            yield
+        finally:
+            self.timeout = keep
 
     def others(self) -> str:
         rest = [r for r in range(self.size) if r != self.rank]
@@ -268,7 +278,8 @@ def program_digest(compiled) -> str:
 
 def check_same_program(w: World, compiled) -> None:
     """Refuse to start when the ranks compiled different programs (different model files or versions)."""
-    digests = w.gather_text(program_digest(compiled), "the start-up check that every rank runs the same program")
+    with w.patience(STARTUP_TIMEOUT):
+        digests = w.gather_text(program_digest(compiled), "the start-up check that every rank runs the same program")
     differ = [r for r, d in enumerate(digests) if d != digests[0]]
     if differ:
         raise RankError(f"rank {w.rank}: rank(s) {', '.join(map(str, differ))} compiled another program than rank 0 "

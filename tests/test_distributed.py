@@ -221,3 +221,20 @@ def _uninterrupted(tmp_path) -> dict:
     if not _WHOLE:
         _WHOLE.update(_train(tmp_path, "whole", 1, MLP, "--epochs", "2", "--train", "640"))
     return _WHOLE
+
+
+def test_show_prints_what_is_communicated_and_check_mode_runs_it(capsys):
+    from gradfuse.cli import main
+
+    assert main(["show", MLP, "--stage", "train", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "allreduce %grad.fc1.weight.local {bucket=0, ranks=2}" in out
+    assert "allreduce of %grad.fc1.weight, bucket 0" in out
+    assert main(["show", MLP, "--stage", "fused", "--explain", "--workers", "2", "--bucket-mb", "0.03"]) == 0
+    out = capsys.readouterr().out
+    assert "bucket 1:" in out and "all-reduce buckets:" in out
+    model = load_model(MLP)
+    compiled, plain = gf.compile(model, gf.SGD(), workers=2), gf.compile(model, gf.SGD())
+    compiled.check = True  # kernel by kernel: the all-reduce runs (in one process: its reference) and waits at once
+    x, y = np.ones((8, 64), np.float32), np.arange(8)
+    assert compiled.train_step(x, y, lr=0.1) == pytest.approx(plain.train_step(x, y, lr=0.1), rel=1e-6)
