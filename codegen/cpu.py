@@ -31,6 +31,7 @@ from gradfuse.ir.graph import Node, Value
 from gradfuse.ir.registry import OpDef, get_op, role
 
 from . import blas, cpu_templates
+from .collectives import collective_calls, is_host
 from .cpu_templates import store_index
 from .kernel_ir import CTOR, Access, Kernel, KernelProgram, Loop, local_name
 from .scalar_lib import helper_source, helpers_used, ordered_helpers
@@ -365,48 +366,16 @@ def _shape_mismatches(g, bound: dict[str, str]) -> list[str]:
     return out or ["False"]
 
 
-def _host(item) -> bool:
-    """Whether a schedule item is a host op (an all-reduce): the step calls the runtime for it."""
-    return isinstance(item, Kernel) and item.kind == "opaque" and "host" in get_op(item.nodes[0].op).lowering
-
-
-def _collectives(prog: KernelProgram) -> tuple[dict[int, list[str]], dict[int, list[int]]]:
-    """Where the step starts each bucket's all-reduce (after its last allreduce node, which the memory
-    plan puts right after the bucket's last gradient) and where it waits (before the first item reading
-    a reduced gradient): schedule position -> lines."""
-    nodes: dict[int, list[Node]] = {}
-    last: dict[int, int] = {}
-    for i, item in enumerate(prog.schedule):
-        if _host(item):
-            n = item.nodes[0]
-            nodes.setdefault(n.attrs["bucket"], []).append(n)
-            last[n.attrs["bucket"]] = i
-    starts: dict[int, list[str]] = {}
-    for b, ns in nodes.items():
-        outs = "".join(f"{arr(n.outputs[0])}, " for n in ns)
-        ins = "".join(f"{arr(n.inputs[0])}, " for n in ns)
-        starts.setdefault(last[b], []).append(f"_dist.start({b}, ({outs}), ({ins}), {ns[0].attrs['ranks']})")
-    waits: dict[int, list[int]] = {}
-    reduced = {n.outputs[0]: b for b, ns in nodes.items() for n in ns}
-    pending = set(nodes)
-    for i, item in enumerate(prog.schedule):
-        reads = item.inputs if isinstance(item, Node) else item.reads
-        for b in sorted({reduced[v] for v in reads if v in reduced} & pending):
-            pending.discard(b)
-            waits.setdefault(i, []).append(b)
-    return starts, waits
-
-
 def _step_body(body: Writer, prog: KernelProgram, serial: dict[str, str], in_place: frozenset[str]) -> None:
     g = prog.graph
     returned = set(prog.buffers)
-    starts, waits = _collectives(prog)
+    starts, waits = collective_calls(prog, arr)
     in_flight = 0
     for i, item in enumerate(prog.schedule):
         for b in waits.get(i, []):
             body(f"_dist.wait({b})")
             in_flight -= 1
-        if _host(item):
+        if is_host(item):
             for line in starts.get(i, []):
                 body(line)
                 in_flight += 1
@@ -466,7 +435,7 @@ def print_module(prog: KernelProgram, fastmath: bool = True, in_place: frozenset
     body = Writer()
     serial: dict[str, str] = {}  # parallel kernel -> the element count that decides, at run time
     for k in prog.kernels:
-        if _host(k):
+        if is_host(k):  # no kernel: the step calls the runtime (codegen/collectives.py)
             continue
         kflags = fastmath_flags(k) if fastmath else False
         kernel = Writer()
