@@ -117,36 +117,55 @@ def _run(args: list[str], ranks: int, timeout: float = 120, env: dict | None = N
                           env={**os.environ, "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **(env or {})})
 
 
-def _train(tmp_path, name: str, ranks: int, *args: str):
-    out = tmp_path / f"{name}.npz"
-    r = _run([args[0], str(out), *args[1:]], ranks)
+def _train(out, ranks: int, *args: str) -> None:
+    """Train with tests/mpi/train_ranks.py on ``ranks`` ranks: ``args`` are its jobs and options."""
+    out.mkdir(exist_ok=True)
+    r = _run([str(out), *args], ranks)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    with np.load(out) as f:
+
+
+def _load(path) -> dict:
+    with np.load(path) as f:
         return dict(f)
 
 
 def _same(a, b, rtol=1e-5, atol=1e-5):
-    assert len(a["losses"]) == len(b["losses"]) == 20
+    assert len(a["losses"]) == len(b["losses"]) >= 20
     np.testing.assert_allclose(a["losses"], b["losses"], rtol=rtol, atol=atol)
     for k in b:  # (the per-rank reference keeps the parameters only)
         if k.startswith("w/") and k != "w/rng.step":
             np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
 
 
+EPOCHS = ["--epochs", "2", "--train", "640"]  # 2 epochs of 10 steps of 64
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """20 steps (global batch 64) of the digits MLP on 1 rank, and of the digits MLP and the residual
+    MLP (dropout off) on 2 ranks with batch 32 each, with SGD+momentum and Adam: one launch each."""
+    root = tmp_path_factory.mktemp("dp")
+    _train(root / "one", 1, f"{MLP}:sgd", f"{MLP}:adam", *EPOCHS)
+    _train(root / "two", 2, f"{MLP}:sgd", f"{MLP}:adam", f"{RESIDUAL}:sgd", f"{RESIDUAL}:adam", "--no-dropout", *EPOCHS)
+    return root
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_two_ranks_with_half_batches_reproduce_one_rank(tmp_path, optimizer):
+def test_two_ranks_with_half_batches_reproduce_one_rank(trained, optimizer):
     """20 steps of the digits MLP, global batch 64: the loss curve and the final weights."""
-    args = [MLP, "--optimizer", optimizer]
-    _same(_train(tmp_path, "one", 1, *args), _train(tmp_path, "two", 2, *args))
+    name = f"digits_mlp-{optimizer}.npz"
+    # Adam divides by √v̂: where a gradient element is near zero its rounding shows more (seen: 1.5e-5)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if optimizer == "sgd" else {"rtol": 1e-4, "atol": 5e-5}
+    _same(_load(trained / "one" / name), _load(trained / "two" / name), **tol)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_two_ranks_on_the_residual_mlp(tmp_path, optimizer):
+def test_two_ranks_on_the_residual_mlp(trained, optimizer):
     """The residual MLP (dropout off): BatchNorm normalises each rank's half batch by its own
     statistics (as PyTorch DDP without SyncBatchNorm), so the 1-rank reference is the same
     algorithm in one process: each half's gradients from the compiled backward, averaged, the
     optimizer's update in numpy."""
-    two = _train(tmp_path, "two", 2, RESIDUAL, "--optimizer", optimizer, "--no-dropout")
+    two = _load(trained / "two" / f"residual_mlp-{optimizer}.npz")
     reference = _per_rank_reference(optimizer)
     if optimizer == "adam":  # the bias right before each BatchNorm: its gradient is rounding noise (the loss
         for k in [k for k in reference if k.endswith("fc1.bias")]:  # does not depend on it), which Adam
@@ -169,12 +188,13 @@ def _per_rank_reference(optimizer: str) -> dict:
     weights = {k: np.ascontiguousarray(v) for k, v in model.initial_values().items()}
     params = [v.name for v in graph.params]
     raw = model.data()
-    x, y = raw["x_train"][:1280], raw["y_train"][:1280]
+    x, y = raw["x_train"][:640], raw["y_train"][:640]
     names = [v.name for v in graph.outputs]
     m = {p: np.zeros_like(weights[p]) for p in params}
     v = {p: np.zeros_like(weights[p]) for p in params}
     lr, out = np.float32(0.05), {"losses": []}
-    for t, idx in enumerate(batches(len(x), 64, 0, 1), start=1):
+    steps = [idx for epoch in (1, 2) for idx in batches(len(x), 64, 0, epoch)]
+    for t, idx in enumerate(steps, start=1):
         losses, grads = [], []
         for r in range(2):
             part = shard(idx, r, 2)
@@ -199,28 +219,25 @@ def _per_rank_reference(optimizer: str) -> dict:
 
 
 @pytest.mark.parametrize("fault", ["die", "hang"])
-def test_a_dead_or_hung_rank_stops_the_other_and_the_checkpoint_resumes(tmp_path, fault):
+def test_a_dead_or_hung_rank_stops_the_other_and_the_checkpoint_resumes(tmp_path, trained, fault):
     """Rank 1 is killed (SIGKILL) or stopped (SIGSTOP) at step 15 of 20 (epoch 2 of 2): rank 0 stops
     within its timeout with one line naming rank 1; the checkpoint of epoch 1 is intact, and
     resuming from it (on 2 ranks after a death, on 1 after a hang: any number) gives the uninterrupted curve."""
     ck = tmp_path / "ck.npz"
-    common = ["--epochs", "2", "--train", "640", "--checkpoint", str(ck)]
-    r = _run([MLP, str(tmp_path / "x.npz"), *common, f"--{fault}-at", "15"], 2, timeout=60,
-             env={"GRADFUSE_MPI_TIMEOUT": "4"})
+    common = [f"{MLP}:sgd", *EPOCHS]
+    r = _run([str(tmp_path), *common, "--checkpoint", str(ck), f"--{fault}-at", "15"], 2, timeout=60,
+             env={"GRADFUSE_MPI_TIMEOUT": "3"})
     assert r.returncode != 0
     assert "error: rank 0: rank 1 did not take part in the all-reduce" in r.stderr, r.stderr[-2000:]
     assert ck.exists()
-    resumed = _train(tmp_path, "resumed", 2 if fault == "die" else 1, MLP, *common, "--resume")
-    _same(resumed, _uninterrupted(tmp_path))
+    _train(tmp_path / "resumed", 2 if fault == "die" else 1, *common, "--checkpoint", str(ck), "--resume")
+    _same(_load(tmp_path / "resumed" / "digits_mlp-sgd.npz"), _load(trained / "one" / "digits_mlp-sgd.npz"))
 
 
-_WHOLE: dict = {}
-
-
-def _uninterrupted(tmp_path) -> dict:
-    if not _WHOLE:
-        _WHOLE.update(_train(tmp_path, "whole", 1, MLP, "--epochs", "2", "--train", "640"))
-    return _WHOLE
+def test_ranks_running_different_programs_stop_at_start_up(tmp_path):
+    r = _run([str(tmp_path), f"{MLP}:sgd", "--mismatch"], 2, timeout=60)
+    assert r.returncode != 0
+    assert "compiled another program than rank 0" in r.stderr, r.stderr[-2000:]
 
 
 def test_show_prints_what_is_communicated_and_check_mode_runs_it(capsys):
