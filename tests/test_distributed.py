@@ -255,3 +255,17 @@ def test_show_prints_what_is_communicated_and_check_mode_runs_it(capsys):
     compiled.check = True  # kernel by kernel: the all-reduce runs (in one process: its reference) and waits at once
     x, y = np.ones((8, 64), np.float32), np.arange(8)
     assert compiled.train_step(x, y, lr=0.1) == pytest.approx(plain.train_step(x, y, lr=0.1), rel=1e-6)
+
+
+def test_each_rank_draws_its_own_dropout_masks_reproducibly():
+    """Rank r's dropout counter runs r * RNG_STRIDE ahead of rank 0's (which checkpoints keep)."""
+    model = load_model(RESIDUAL)
+    x = np.random.default_rng(0).standard_normal((16, 8, 8)).astype(np.float32)
+    y = np.arange(16) % 10
+    losses = []
+    for rank in (0, 1, 1):
+        compiled = gf.compile(model, gf.SGD(), workers=2)
+        distributed.offset_rng(compiled, rank)
+        assert int(compiled.weights["rng.step"]) == rank * distributed.RNG_STRIDE
+        losses.append(compiled.train_step(x, y, lr=0.0))
+    assert losses[0] != losses[1] == losses[2]
