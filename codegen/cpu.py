@@ -28,6 +28,7 @@ from gradfuse.ir.graph import Node, Value
 from gradfuse.ir.registry import OpDef, role
 
 from . import blas
+from .collectives import collective_calls, is_host
 from .kernel_ir import CTOR, Kernel, KernelProgram, local_name
 from .loop_nests import SUM, For, Gemm, Let, Load, Scratch, Store, count, ix_text, kernel_body, missing_nest, size_of
 from .scalar_lib import helper_source, helpers_used, ordered_helpers
@@ -286,7 +287,17 @@ def _shape_mismatches(g, bound: dict[str, str]) -> list[str]:
 def _step_body(body: Writer, prog: KernelProgram, serial: dict[str, str], in_place: frozenset[str]) -> None:
     g = prog.graph
     returned = set(prog.buffers)
-    for item in prog.schedule:
+    starts, waits = collective_calls(prog, arr)
+    in_flight = 0
+    for i, item in enumerate(prog.schedule):
+        for b in waits.get(i, []):
+            body(f"_dist.wait({b})")
+            in_flight -= 1
+        if is_host(item):
+            for line in starts.get(i, []):
+                body(line)
+                in_flight += 1
+            continue
         if isinstance(item, Node):  # a view: reshape shares the buffer, or fills the one returned
             x, y = item.inputs[0], item.outputs[0]
             view = f"{arr(x)}.reshape({_shape_expr(y.type.shape)})"
@@ -300,6 +311,10 @@ def _step_body(body: Writer, prog: KernelProgram, serial: dict[str, str], in_pla
                 body(f"    {item.name}_serial{call}")
             else:
                 body(f"{item.name}{call}")
+            if in_flight:  # MPI progresses a non-blocking all-reduce only inside MPI calls
+                body("_dist.progress()")
+    if starts:
+        body("_dist.finish()")
     for old, new in g.updates:
         if new is not old and old.name not in in_place:
             body(f"{arr(old)}[...] = {arr(new)}")
@@ -338,6 +353,8 @@ def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset()) ->
     body = Writer()
     serial: dict[str, str] = {}  # parallel kernel -> the element count that decides, at run time
     for k in prog.kernels:
+        if is_host(k):  # no kernel: the step calls the runtime (codegen/collectives.py)
+            continue
         kernel = Writer()
         kernel.indent()
         kp = KernelPrinter(k, kernel, prog, in_place)
@@ -383,6 +400,8 @@ def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset()) ->
     helpers += [ACCUMULATE.format(F=F, errors=NUMPY_ERRORS) for F in ("f32", "f64") if f"accumulate_{F}(" in code]
     imports = ("\nfrom gradfuse.codegen.blas import gemm as blas_gemm, require as require_blas\n\n"
                f"require_blas()  # codegen/blas.py {blas.SOURCE_HASH}\n") if "blas_gemm(" in code else ""
+    if "_dist." in code:
+        imports += "from gradfuse.runtime import distributed as _dist\n"
     header = HEADER.format(name=g.name, what="one training/inference step as Numba kernels", imports=imports)
     return header + "\n\n" + "\n\n".join(helpers) + ("\n\n" if helpers else "") + code + "\n"
 

@@ -253,7 +253,7 @@ def broadcast_index(v: Value, space, ivars: list[str]) -> tuple[Ix, ...]:
 def missing_nest(op) -> str | None:
     """Why no loop nest can be made for ``op`` from its record; None when one can."""
     low = op.lowering
-    if op.role in ("view", "immediate", "gemm"):
+    if op.role in ("view", "immediate", "gemm") or "host" in low:  # host ops: the step calls the runtime
         return None
     if op.role == "elementwise":
         return None if "expr" in low else "no scalar expression (lowering['expr'])"
@@ -650,5 +650,8 @@ def format_kernel(k: Kernel) -> str:
                 n = s.node
                 lines.append(f"{pad}%{n.outputs[0].name} = gemm(%{n.inputs[0].name}{'ᵀ' * n.attrs['transpose_a']}, "
                              f"%{n.inputs[1].name}{'ᵀ' * n.attrs['transpose_b']})")
-    emit(kernel_body(k), 1)
+    if "host" in get_op(k.nodes[0].op).lowering:
+        lines.append("  (the step calls the runtime: no kernel)")
+    else:
+        emit(kernel_body(k), 1)
     return "\n".join(lines)

@@ -340,7 +340,14 @@ def bench_compile(quick: bool) -> list[Measurement]:
     return out
 
 
-BENCHMARKS = {"mlp": bench_mlp, "gelu-layernorm": bench_gelu_layernorm, "compile": bench_compile}
+def bench_mpi(quick: bool) -> list[Measurement]:
+    """Data-parallel training at 1 and 2 ranks (gradfuse/bench_mpi.py)."""
+    from gradfuse.bench_mpi import bench_mpi as run
+
+    return run(quick)
+
+
+BENCHMARKS = {"mlp": bench_mlp, "gelu-layernorm": bench_gelu_layernorm, "compile": bench_compile, "mpi": bench_mpi}
 
 
 def render(rows: list[Measurement]) -> str:

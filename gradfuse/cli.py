@@ -32,14 +32,15 @@ def _stage_backward(model, args) -> Graph:
 def _stage_train(model, args) -> Graph:
     from gradfuse.stages import training_step
 
-    return training_step(model, _optimizer(args)).graph
+    return training_step(model, _optimizer(args), args.workers, args.bucket_mb).graph
 
 
 def _stage_fused(model, args) -> Graph:
     from gradfuse.passes.manager import run_pipeline
     from gradfuse.stages import training_passes
 
-    passes = f"{training_passes(_optimizer(args))},{args.pipeline}"  # from the loss graph, as compile runs them
+    # from the loss graph, as compile runs them
+    passes = f"{training_passes(_optimizer(args), args.workers, args.bucket_mb)},{args.pipeline}"
     result = run_pipeline(model.trace(train=True, with_loss=True), passes, dump_dir=args.dump_passes)
     args.reports = [r.report for r in result.records if r.report] if args.explain else []
     args.reports.append(result.timing_table())
@@ -204,7 +205,8 @@ def _compile_model(args):
     from gradfuse.loader import load_model
 
     model = load_model(args.model)
-    return model, gf.compile(model, _optimizer(args), dtype=getattr(args, "dtype", None))
+    return model, gf.compile(model, _optimizer(args), dtype=getattr(args, "dtype", None),
+                             workers=getattr(args, "workers", 1), bucket_mb=getattr(args, "bucket_mb", 25.0))
 
 
 def _stage_texts(model, args) -> dict[str, str]:
@@ -354,11 +356,47 @@ def _model_data(model, spec: str):
         raise GradfuseError(f"{spec}: the model's data() failed: {type(e).__name__}: {e}") from None
 
 
+def _launch(args) -> int:
+    """``gradfuse train --workers K ...``: the same command on K ranks of ``mpiexec``."""
+    import subprocess
+
+    from gradfuse.runtime import distributed
+
+    cmd = distributed.mpiexec_command(args.workers, args.hostfile)
+    cmd += [sys.executable, "-m", "gradfuse.cli", *args.argv]
+    print(f"launching {args.workers} ranks: {' '.join(cmd)}", flush=True)
+    return subprocess.call(cmd)
+
+
+def _ranks(args):
+    """The MPI world when this process is one rank of several (None alone); ``--workers`` then
+    follows the world's size, and ranks other than 0 print nothing (their errors say their rank)."""
+    import os
+
+    from gradfuse.runtime import distributed
+
+    if not distributed.launched_by_mpi():
+        return None
+    w = distributed.world()
+    if w is None:
+        return None
+    if args.workers not in (1, w.size):
+        raise GradfuseError(f"--workers {args.workers}, but mpiexec started {w.size} ranks")
+    args.workers = w.size
+    if w.rank:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+    return w
+
+
 def cmd_train(args) -> int:
     import os
 
     from gradfuse.data import check_data, load_npz
     from gradfuse.training import TrainConfig, fit, metrics_of, plot_history, read_checkpoint
+
+    if args.workers > 1 and not _launched():
+        return _launch(args)
+    world = _ranks(args)
 
     _check_outputs((args.output, "artifact", True), (args.checkpoint, "checkpoint", False),
                    (args.plot, "plot", False))
@@ -388,8 +426,17 @@ def cmd_train(args) -> int:
     except KeyboardInterrupt:
         return 130
     if args.output:
-        _save_trained(compiled, args, model, history, config)
-    if args.plot and history.epoch:
+        if world is None:
+            _save_trained(compiled, args, model, history, config)
+        else:  # running statistics averaged over the ranks (every rank takes part); rank 0 writes
+            from gradfuse.runtime import distributed
+
+            with distributed.averaged_buffers(world, compiled):
+                if not world.rank:
+                    with distributed.alone():  # the artifact's warm-up runs the step on rank 0 alone
+                        _save_trained(compiled, args, model, history, config)
+            world.barrier("the artifact (written by rank 0)")
+    if args.plot and history.epoch and (world is None or not world.rank):
         plot_history(history, args.plot, compiled.name, metrics)
         print(f"wrote the curves to {args.plot}")
     return 0
@@ -409,6 +456,12 @@ def _save_trained(compiled, args, model, history, config) -> None:
     print(f"wrote the trained model to {args.output}")
 
 
+def _launched() -> bool:
+    from gradfuse.runtime.distributed import launched_by_mpi
+
+    return launched_by_mpi()
+
+
 def cmd_bench(args) -> int:
     from gradfuse.bench import main as bench
 
@@ -421,6 +474,11 @@ def _optimizer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (as PyTorch's SGD and Adam)")
     p.add_argument("--dtype", choices=["f32", "f64"], default=None,
                    help="compute every float in this precision (f64 to check numerics; default: the model's, f32)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="data-parallel ranks: the gradients are all-reduced (mean) across them before the update; "
+                        "`train --workers K` starts mpiexec itself, under `mpiexec -n K` it is the number of ranks")
+    p.add_argument("--bucket-mb", type=float, default=25.0,
+                   help="with --workers: gradients all-reduced together, in backward order, up to this many MB")
 
 
 class _HelpWithDefaults(argparse.HelpFormatter):
@@ -517,11 +575,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "a NaN/Inf, naming it (slower)")
     tr.add_argument("--recompile", action="store_true", help="accept an artifact built for another CPU or Numba "
                                                              "version and compile its kernels here")
+    tr.add_argument("--hostfile", help="with --workers: run the ranks on the machines of this Open MPI host file "
+                                       "(one line per machine: `host slots=N`); the model, data and checkpoint paths "
+                                       "must exist on every machine")
     _optimizer_flags(tr)
     tr.set_defaults(run=cmd_train)
 
     bench = sub.add_parser("bench", help="benchmarks beside numpy, PyTorch and JAX (when installed)")
-    bench.add_argument("--only", nargs="*", help="mlp, gelu-layernorm, compile")
+    bench.add_argument("--only", nargs="*", help="mlp, gelu-layernorm, compile, mpi (data-parallel at 1 and 2 "
+                                                  "ranks: needs the mpi extra)")
     bench.add_argument("--json", help="also write the measurements to this JSON file")
     bench.add_argument("--quick", action="store_true", help="shorter timing runs")
     bench.set_defaults(run=cmd_bench)
@@ -533,11 +595,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
     except GradfuseError as e:
         print(f"error: {e}", file=sys.stderr)
+        if _launched():  # one rank of several: leave now (MPI_Finalize would wait for the others)
+            from gradfuse.runtime.distributed import exit_now
+
+            exit_now(1)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -28,6 +28,7 @@ from gradfuse.files import CACHE, atomic_file
 from gradfuse.ir.graph import ArgKind, Graph
 from gradfuse.ir.types import DType, TensorType
 from gradfuse.model import Model, float_dtype, trace_loss
+from gradfuse.passes.distributed import DEFAULT_BUCKET_MB
 from gradfuse.passes.manager import run_pipeline
 from gradfuse.passes.optimizer import SGD, Adam
 from gradfuse.passes.precision import with_float
@@ -148,7 +149,8 @@ class CompiledModel:
 
 
 def compile(model: Model, optimizer: SGD | Adam | None = None, cache_dir: str = DEFAULT_CACHE,
-            pipeline: str = PIPELINE, dtype: str | DType | None = None) -> CompiledModel:
+            pipeline: str = PIPELINE, dtype: str | DType | None = None, workers: int = 1,
+            bucket_mb: float = DEFAULT_BUCKET_MB) -> CompiledModel:
     """Trace, differentiate, optimise and generate the kernels of ``model`` for the CPU.
 
     ``dtype`` (``"f32"``, ``"f64"`` or a DType; default: the model's own, f32) is the precision
@@ -156,7 +158,11 @@ def compile(model: Model, optimizer: SGD | Adam | None = None, cache_dir: str = 
     float op are float64 (the forward, training-step and loss graphs converted by
     ``passes/precision.py``'s ``with_float``) and ``inputs``/``targets`` say f64. float32
     arrays passed to an f64 model are widened (exactly); float64 arrays passed to an f32 model are
-    refused (that would round)."""
+    refused (that would round).
+
+    ``workers`` > 1 compiles the training step of one rank of a data-parallel run: the gradients are
+    averaged over the ranks (all-reduce, in buckets of up to ``bucket_mb`` MB) before the update
+    (passes/distributed.py); run it on every rank of ``mpiexec -n workers``."""
     dt = None if dtype is None else float_dtype(dtype)
 
     def precise(g: Graph) -> Graph:
@@ -173,7 +179,7 @@ def compile(model: Model, optimizer: SGD | Adam | None = None, cache_dir: str = 
     optimizer = optimizer or SGD()
     if model.loss is not None:  # the passes from the loss graph: autodiff, the optimizer, then the pipeline
         step_graph = cached_pipeline(precise(model.trace(train=True, with_loss=True)),
-                                     f"{training_passes(optimizer)},{pipeline}", cache_dir)
+                                     f"{training_passes(optimizer, workers, bucket_mb)},{pipeline}", cache_dir)
         train = Program.compile(step_graph, cache_dir)
         _add_missing_state(step_graph, weights)  # optimizer state (momentum, moments, step) starts at zero
     _add_missing_state(forward, weights)

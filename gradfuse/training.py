@@ -63,6 +63,17 @@ def metrics_of(compiled, custom=None) -> Metrics:
     return for_model(compiled.prediction, compiled.targets, compiled.loss_graph, custom)
 
 
+def shard(idx: np.ndarray, rank: int, ranks: int) -> np.ndarray:
+    """Rank ``rank``'s part of a global batch: ``ranks`` near-equal consecutive slices."""
+    return np.array_split(idx, ranks)[rank]
+
+
+def rank_batches(parts: list[np.ndarray], ranks: int) -> list[np.ndarray]:
+    """The global batches every rank takes a part of: those with at least two examples per rank
+    (BatchNorm needs two rows; every rank drops the same ones, so all run the same steps)."""
+    return parts if ranks == 1 else [p for p in parts if len(p) >= 2 * ranks]
+
+
 def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     """The epoch's shuffled batches; a last batch of one example joins the previous one
     (BatchNorm cannot normalise a batch of one)."""
@@ -212,41 +223,52 @@ def _diverged(loss: float, epoch: int, step: int, steps: int, history: History, 
 
 def fit(compiled, data: Dataset, config: TrainConfig, resume: bool = False, progress: Progress | None = None,
         on_step: Callable[[int, int], None] | None = None, metrics: Metrics | None = None) -> History:
-    """Train ``compiled`` (a CompiledModel or a loaded artifact) on checked ``data``."""
+    """Train ``compiled`` (a CompiledModel or a loaded artifact) on checked ``data``.
+
+    Under ``mpiexec`` (``compiled`` compiled with ``workers`` = the number of ranks) every rank
+    runs this loop: each global batch of ``batch_size`` is split across the ranks, the loss is the
+    mean over them, and rank 0 alone prints, evaluates and writes checkpoints (see _Ranks)."""
     from gradfuse.runtime.artifact import warm_up
 
+    ranks = _Ranks.of(compiled)
     progress = progress or Progress()
+    if ranks.rank:
+        progress = Progress(_Discard())
     metrics = metrics or metrics_of(compiled)
     history, start_epoch, start_batch = History(), 1, 0
     if resume:
         history, start_epoch, start_batch = _resume(compiled, config, progress)
         if history.finished:
             return history
-    sizes = {len(part) for part in batches(len(data), config.batch_size, config.seed, start_epoch)}
-    warm_up(compiled, sizes)  # Numba compiles here, not inside the first epoch's throughput
+    ranks.start(compiled, progress)
+    first = rank_batches(batches(len(data), config.batch_size, config.seed, start_epoch), ranks.size)
+    sizes = {len(shard(part, r, ranks.size)) for part in first for r in range(ranks.size)}
+    with ranks.patience():
+        warm_up(compiled, sizes)  # Numba compiles here, not inside the first epoch's throughput
     inputs = len(compiled.inputs)
-    if data.test is not None:  # a metric that fails does so now, not after the first epoch
+    if data.test is not None and not ranks.rank:  # a metric that fails does so now, not after the first epoch
         metrics.evaluate(compiled.predict, [a[:2] for a in data.test[:inputs]], [a[:2] for a in data.test[inputs:]])
     epoch, done = start_epoch, start_batch  # done: batches of this epoch already in the weights
     try:
         for epoch in range(start_epoch, config.epochs + 1):
-            parts = batches(len(data), config.batch_size, config.seed, epoch)
+            parts = rank_batches(batches(len(data), config.batch_size, config.seed, epoch), ranks.size)
             losses, seen, t0 = [], 0, time.perf_counter()
             done = start_batch if epoch == start_epoch else 0
             while done < len(parts):
-                idx = parts[done]
+                idx = shard(parts[done], ranks.rank, ranks.size)
                 with _steps_are_atomic() as deliver_interrupt:
                     try:
                         loss = compiled.train_step(*(a[idx] for a in data.train), lr=config.lr)
                     except NumericError as e:  # check mode names the op
                         raise _diverged(float("nan"), epoch, done + 1, len(parts), history, config, str(e)) from None
+                    loss = ranks.mean_loss(loss, epoch, done + 1)
                     if not math.isfinite(loss):
                         raise _diverged(loss, epoch, done + 1, len(parts), history, config)
                     losses.append(loss)
                     history.step_losses.append(loss)
                     done += 1
                     deliver_interrupt()
-                seen += len(idx)
+                seen += len(parts[done - 1])
                 progress.step(epoch, done, len(parts), loss, seen / (time.perf_counter() - t0))
                 if on_step is not None:
                     on_step(epoch, done - 1)
@@ -254,21 +276,97 @@ def fit(compiled, data: Dataset, config: TrainConfig, resume: bool = False, prog
             history.epoch.append(epoch)
             history.train_loss.append(float(np.mean(losses)) if losses else float("nan"))
             line = f"epoch {epoch:3d}  train loss {history.train_loss[-1]:.4f}"
-            if data.test is not None:
+            if data.test is not None and not ranks.rank:
                 measured = metrics.evaluate(compiled.predict, data.test[:inputs], data.test[inputs:])
                 for k, v in measured.items():
                     history.test.setdefault(k, []).append(v)
                 line += "  test " + metrics.describe(measured)
             progress.epoch(line + f"  ({history.examples_per_second[-1]:,.0f} examples/s)")
             if config.checkpoint:
-                _save_or_rescue(compiled, history, epoch + 1, 0, config)
+                ranks.save(compiled, history, epoch + 1, 0, config)
     except KeyboardInterrupt:
-        if config.checkpoint:
+        if config.checkpoint and not ranks.rank:  # (no collective here: the other ranks may be gone)
             _save_or_rescue(compiled, history, epoch, done, config)
             progress.epoch(f"interrupted: checkpoint written to {config.checkpoint} (epoch {epoch}, "
                            f"{done} batches done); resume with --resume")
         raise
     return history
+
+
+class _Discard:
+    """A stream for the ranks that do not print."""
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+@dataclass
+class _Ranks:
+    """The training loop's side of a data-parallel run (one rank of it; size 1 alone)."""
+
+    world: object = None
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def of(cls, compiled) -> _Ranks:
+        from gradfuse.runtime import distributed
+
+        ranks = distributed.compiled_ranks(compiled)
+        w = distributed.world()
+        size = w.size if w is not None else 1
+        if ranks != size:
+            where = f"{size} rank(s) (mpiexec -n {size})" if w is not None else "one process"
+            raise GradfuseError(f"{compiled.name} was compiled for {ranks} rank(s), but runs on {where}: compile "
+                                f"it with workers={size}, or launch it with mpiexec -n {ranks}")
+        return cls(w, w.rank, w.size) if w is not None else cls()
+
+    def start(self, compiled, progress: Progress) -> None:
+        """Every rank runs the same program from rank 0's weights and its own dropout stream."""
+        if self.world is None:
+            return
+        from gradfuse.runtime import distributed
+
+        distributed.check_same_program(self.world, compiled)
+        for k in sorted(compiled.weights):
+            self.world.broadcast(compiled.weights[k], f"the start-up broadcast of %{k} from rank 0")
+        distributed.offset_rng(compiled, self.rank)
+        norm = "; BatchNorm uses per-rank batch statistics (as PyTorch DDP), running statistics averaged when " \
+            "saved" if any("running_" in k for k in compiled.weights) else ""
+        progress.epoch(f"data-parallel over {self.size} ranks: each global batch split {self.size} ways, gradients "
+                       f"all-reduced in {distributed.describe_buckets(compiled)}{norm}")
+
+    def patience(self):
+        """The start-up timeout while the ranks compile their kernels (at their own speeds)."""
+        if self.world is None:
+            return contextlib.nullcontext()
+        from gradfuse.runtime.distributed import STARTUP_TIMEOUT
+
+        return self.world.patience(STARTUP_TIMEOUT)
+
+    def mean_loss(self, loss: float, epoch: int, step: int) -> float:
+        if self.world is None:
+            return loss
+        return self.world.mean(loss, f"the loss of epoch {epoch}, step {step}")
+
+    def save(self, compiled, history: History, epoch: int, batch: int, config: TrainConfig) -> None:
+        """Rank 0 writes the checkpoint (atomically), with running statistics averaged over the ranks
+        and its own dropout counter; the others wait for it."""
+        if self.world is None:
+            _save_or_rescue(compiled, history, epoch, batch, config)
+            return
+        from gradfuse.runtime import distributed
+
+        with distributed.averaged_buffers(self.world, compiled):
+            if not self.rank:  # its dropout counter has no offset: a resume on any number of ranks goes on
+                _save_or_rescue(compiled, history, epoch, batch, config)
+        self.world.barrier(f"the checkpoint of epoch {epoch - 1} (written by rank 0)")
 
 
 def plot_history(history: History, path: str, title: str, metrics: Metrics) -> None:

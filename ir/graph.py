@@ -16,7 +16,7 @@ from .types import DType, TensorType
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.]*$")
 # How provenance notes start (written by passes/autodiff.py and passes/optimizer.py).
-BACKWARD_NOTES = ("vjp(", "accumulate:", "dL/dL", "the loss does not depend")
+BACKWARD_NOTES = ("vjp(", "accumulate:", "dL/dL", "the loss does not depend", "allreduce")
 UPDATE_NOTES = ("sgd", "adam")
 
 

@@ -153,4 +153,4 @@ def _write(path: str, text: str) -> None:
 
 
 def _load_passes() -> None:
-    from . import autodiff, fusion, memory, optimizer, simplify  # noqa: F401  (each registers its passes)
+    from . import autodiff, distributed, fusion, memory, optimizer, simplify  # noqa: F401  (each registers its passes)

@@ -27,6 +27,8 @@ from gradfuse.ir.registry import get_op
 from gradfuse.ir.registry import role as _op_role
 from gradfuse.ir.types import TensorType
 
+from .buckets import assign_with_buckets, bucket_members, bucket_order
+from .buckets import describe as describe_buckets
 from .manager import Pass, PassResult, register_pass
 
 ALIGN = 64  # bytes; every arena offset is a multiple
@@ -99,6 +101,7 @@ class MemoryPlan:
     schedule: str = "graph order"
     considered: list[tuple[str, int, int]] = field(default_factory=list)  # (schedule, peak, updates in place)
     sizes: dict[str, int] = field(default_factory=dict)  # the size of each batch symbol of the graph
+    buckets: dict[int, list[str]] = field(default_factory=dict)  # all-reduce bucket -> its buffers (contiguous)
 
     @property
     def in_place_updates(self) -> list[UpdatePlan]:
@@ -138,6 +141,9 @@ class MemoryPlan:
                 p = self.values[name]
                 how = f"in place of %{p.in_place_of}" if p.kind == "in_place" else f"view of %{p.alias_of}"
                 lines.append(f"      %{name} ({how}), live {p.first}..{p.last}")
+        if self.buckets:
+            lines.append("  all-reduce buckets:")
+            lines += describe_buckets(self.buckets, self.buffers)
         views = [p for p in self.values.values() if p.kind == "view" and p.offset is None]
         if views:
             lines.append("  views of arguments: " + ", ".join(f"%{p.value} of %{p.alias_of}" for p in views))
@@ -334,7 +340,9 @@ class _Planner:
         storages = list(dict.fromkeys(self.storage.values()))
         buffers = [Buffer(s.name, s.values[0].type, s.nbytes, s.first, s.last, 0, [v.name for v in s.values])
                    for s in storages if s.arena]
-        peak = assign_offsets(buffers)
+        arena = {s for s in storages if s.arena}
+        groups = bucket_members(self.g, lambda v: self.storage[v].name if self.storage.get(v) in arena else None)
+        peak = assign_with_buckets(buffers, groups, assign_offsets)
         offsets = {b.name: b.offset for b in buffers}
         values = {}
         for v in self.g.values():
@@ -360,7 +368,7 @@ class _Planner:
                 why = f"not in place: %{new.name} is {_kind_words(p)}; copied into %{old.name} at the end"
             updates.append(UpdatePlan(old.name, new.name, in_place, why))
         return MemoryPlan(self.g.name, None, steps, values, buffers, updates, peak, no_reuse, lower, name,
-                          sizes=dict(self.bindings))
+                          sizes=dict(self.bindings), buckets=groups)
 
 
 def _kind_words(p: Placement) -> str:
@@ -552,6 +560,7 @@ def plan_memory(g: Graph, batch: int = 256, reorder: bool = True, sizes: Mapping
     common = set(bindings.values()) or {batch}
 
     def plan(order: list[int], name: str) -> MemoryPlan:
+        order = bucket_order(steps, order)  # a data-parallel step: all-reduces overlap the backward
         p = _Planner(g, bindings, [steps[i] for i in order], target).plan(name)
         p.batch = next(iter(common)) if len(common) == 1 else None  # one size for every symbol: the batch
         return p

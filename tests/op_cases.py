@@ -263,6 +263,11 @@ CASES: dict[str, list[OpCase]] = {
         case("f64[3,4]", "i64[]", gen=per_operand(None, _step), p=0.0, seed=0, stream=3),
         case("f32[]", "i64[]", gen=per_operand(None, _step), p=0.9, seed=-7, stream=2),
     ],
+    "allreduce": [
+        case("f32[N,4]", bucket=0, ranks=2),
+        case("f64[3,5]", bucket=1, ranks=3),
+        case("f32[]", bucket=2, ranks=1),
+    ],
     # reductions
     "sum": _reduction_cases(ints=True),
     "mean": _reduction_cases(ints=False),
