@@ -1,0 +1,205 @@
+"""``gradfuse explore``: one self-contained HTML page per model linking its forward graph, the
+generated backward, the fused training step's kernels, their generated source and the reports
+(fusion decisions, memory plan, saved values, gradient health, kernel times).
+
+The page needs no network and no server: the data is one JSON object inlined into it, the
+layouts are computed here (``layout.py``), and a small script in the page draws SVG from them
+(``page.py``). Data extraction: ``data.py`` (graphs, groups, layouts) and ``reports.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from gradfuse.errors import GradfuseError
+from gradfuse.ir.graph import Graph
+
+
+@dataclass
+class Stages:
+    """The graphs a page is made of (from a model file or an artifact)."""
+
+    name: str
+    forward: Graph
+    backward: Graph | None  # forward + generated backward (None: the model has no loss)
+    saved: list  # the forward values the backward reads
+    train: Graph | None  # the unfused training step
+    source_dir: str | None  # where the model's source files are
+    origin: str  # what the page was made from, in words
+    model: object = None  # the Model, when made from a model file (gradcheck, example data)
+    weights: dict | None = None  # an artifact's weights (profiling)
+
+
+@dataclass
+class ExploreReport:
+    path: str
+    bytes: int
+    seconds: float
+    nodes: int  # the nodes of every view
+    layouts: int  # the layouts written (one per group and view)
+
+
+def stages_of_model(spec: str, optimizer) -> Stages:
+    from gradfuse.loader import load_model
+    from gradfuse.stages import backward, training_step
+
+    model = load_model(spec)
+    forward = model.trace()
+    if model.loss is None:
+        return Stages(model.name, forward, None, [], None, os.path.dirname(os.path.abspath(spec.split(":")[0])),
+                      spec, model)
+    grads = backward(model)
+    train = training_step(model, optimizer).graph
+    return Stages(model.name, forward, grads.graph, grads.saved, train,
+                  os.path.dirname(os.path.abspath(spec.split(":")[0])), spec, model)
+
+
+def stages_of_artifact(path: str) -> Stages:
+    """The stages an artifact keeps in ``ir/`` (forward, backward, train): its optimizer is the one
+    it was compiled with."""
+    import numpy as np
+
+    from gradfuse.ir.parser import parse_graph
+    from gradfuse.passes.autodiff import gradients_of
+    from gradfuse.runtime.artifact import read_manifest
+
+    manifest = read_manifest(path)
+
+    def read(name: str) -> Graph | None:
+        file = os.path.join(path, "ir", f"{name}.gfir")
+        if not os.path.exists(file):
+            return None
+        with open(file, encoding="utf-8") as f:
+            return parse_graph(f.read(), file=file)
+
+    forward = read("forward")
+    if forward is None:
+        raise GradfuseError(f"{path}: the artifact has no ir/forward.gfir (made by an older gradfuse?): explore "
+                            "the model file instead")
+    backward, train = read("backward"), read("train")
+    saved = gradients_of(backward).saved if backward is not None else []
+    weights = None
+    try:
+        with np.load(os.path.join(path, "weights.npz"), allow_pickle=False) as f:
+            weights = {k: np.array(f[k]) for k in f.files}
+    except (OSError, ValueError):
+        pass
+    return Stages(manifest.get("model", forward.name), forward, backward, saved, train, None,
+                  f"artifact {path}", None, weights)
+
+
+def build_payload(st: Stages, batch: int = 256, *, profile: bool = False, health: bool = False,
+                  command: str = "") -> dict:
+    """Everything the page shows, as one JSON-able dict."""
+    from gradfuse.codegen.kernel_ir import lower
+    from gradfuse.codegen.targets import get_backend
+    from gradfuse.passes.manager import run_pipeline
+    from gradfuse.runtime.program import in_place_updates
+
+    from . import data, reports
+
+    step = st.train if st.train is not None else st.forward
+    result = run_pipeline(step, f"simplify,fuse(batch={batch}),memory-plan(batch={batch})")
+    fused = result.graph
+    fusion, plan = result.results["fuse"].data, result.results["memory-plan"].data
+    source = get_backend("cpu").print_module(lower(fused), in_place_updates(fused, 256))
+
+    views = [data.graph_view("forward", "forward (inference)", st.forward, batch)]
+    if st.backward is not None:
+        views.append(data.graph_view("backward", "forward + generated backward", st.backward, batch))
+    views.append(data.graph_view("kernels", "training step, fused into kernels" if st.train is not None
+                                 else "inference, fused into kernels", fused, batch, by_kernel=True))
+    kernel_info = reports.kernel_reports(fused, fusion, plan, source)
+    for gid, grp in views[-1]["groups"].items():
+        if gid.startswith("k:") and gid[2:] in kernel_info:
+            grp["label"] = f"{gid[2:]} · {kernel_info[gid[2:]]['kind']}"
+    payload = {
+        "model": st.name, "origin": st.origin, "batch": batch, "command": command,
+        "views": views,
+        "kernels": kernel_info,
+        "fusion": reports.fusion_summary(fusion),
+        "memory": reports.memory_timeline(plan),
+        "saved": reports.saved_ledger(st.saved, batch),
+        "sources": data.source_lines([st.forward] + [g for g in (st.backward, fused) if g is not None],
+                                     st.source_dir),
+        "module": source,
+    }
+    if health:
+        payload["health"] = _health(st)
+    if profile:
+        payload["profile"] = _profile(st, fused, batch)
+    return payload
+
+
+def _health(st: Stages) -> list[dict]:
+    from gradfuse import gradcheck as gc
+
+    if st.model is None:
+        raise GradfuseError("--gradcheck needs the model file (an artifact keeps no Python code to check)")
+    if st.model.loss is None:
+        raise GradfuseError(f"--gradcheck: model {st.name} has no loss to differentiate")
+    return [{"layer": h.layer, "norm": h.grad_norm, "flag": h.flag, "shape": list(h.shape)}
+            for h in gc.gradient_health(st.model, batch=64)]
+
+
+def _profile(st: Stages, fused: Graph, batch: int, steps: int = 5) -> dict:
+    """Milliseconds per kernel (the median of ``steps`` timed runs after a warm-up)."""
+    import numpy as np
+
+    from gradfuse.ir.graph import ArgKind
+    from gradfuse.runtime.program import Program
+
+    program = Program.compile(fused)
+    values = st.model.initial_values() if st.model is not None else dict(st.weights or {})
+    rng = np.random.default_rng(0)
+    feeds = {}
+    if st.model is not None:
+        from gradfuse.gradcheck import example_feeds
+
+        feeds = example_feeds(st.model, fused, batch)
+    for kind, v in fused.args:
+        if v.name == "lr":
+            feeds[v.name] = np.asarray(0.01, v.type.dtype.np)
+        elif kind is not ArgKind.input:
+            feeds[v.name] = values[v.name].copy() if v.name in values else np.zeros(v.type.concrete({}),
+                                                                                     v.type.dtype.np)
+        elif v.name not in feeds:
+            shape = v.type.concrete({s: batch for s in v.type.symbols})
+            feeds[v.name] = (rng.normal(size=shape) if v.type.dtype.is_float
+                             else rng.integers(0, 2, size=shape)).astype(v.type.dtype.np)
+    seconds = program.profile(feeds, steps)
+    return {"steps": steps, "ms": {k: s * 1e3 for k, s in seconds.items()},
+            "compile_s": program.compile_seconds}
+
+
+def write_page(payload: dict, path: str) -> int:
+    from gradfuse.files import atomic_file
+
+    from .page import render
+
+    html = render(payload)
+    with atomic_file(path, "page", "w") as f:
+        f.write(html)
+    return len(html.encode("utf-8"))
+
+
+def explore(spec: str, output: str, batch: int = 256, optimizer=None, profile: bool = False,
+            gradcheck: bool = False, command: str = "") -> ExploreReport:
+    """Write the page of a model file or an artifact directory to ``output``."""
+    start = time.perf_counter()
+    if batch < 1:
+        raise GradfuseError(f"--batch must be at least 1, got {batch}")
+    st = stages_of_artifact(spec) if os.path.isdir(spec) else stages_of_model(spec, optimizer)
+    payload = build_payload(st, batch, profile=profile, health=gradcheck, command=command)
+    size = write_page(payload, output)
+    return ExploreReport(output, size, time.perf_counter() - start,
+                         sum(len(v["nodes"]) for v in payload["views"]),
+                         sum(len(v["layouts"]) for v in payload["views"]))
+
+
+def dumps(payload: dict) -> str:
+    """The payload as JSON safe inside a <script> element."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/")
