@@ -92,8 +92,9 @@ def stages_of_artifact(path: str) -> Stages:
 
 
 def build_payload(st: Stages, batch: int = 256, *, profile: bool = False, health: bool = False,
-                  command: str = "") -> dict:
-    """Everything the page shows, as one JSON-able dict."""
+                  command: str = "", pipeline=None) -> dict:
+    """Everything the page shows, as one JSON-able dict; ``pipeline``: the result of the passes
+    on the training step, where the caller ran them already."""
     from gradfuse.codegen.kernel_ir import lower
     from gradfuse.codegen.targets import get_backend
     from gradfuse.passes.manager import run_pipeline
@@ -102,17 +103,20 @@ def build_payload(st: Stages, batch: int = 256, *, profile: bool = False, health
     from . import data, reports
 
     step = st.train if st.train is not None else st.forward
-    result = run_pipeline(step, f"simplify,fuse(batch={batch}),memory-plan(batch={batch})")
+    result = pipeline or run_pipeline(step, f"simplify,fuse(batch={batch}),memory-plan(batch={batch})")
     fused = result.graph
     fusion, plan = result.results["fuse"].data, result.results["memory-plan"].data
-    source = get_backend("cpu").print_module(lower(fused), in_place_updates(fused, 256))
+    lowered = lower(fused)
+    source = get_backend("cpu").print_module(lowered, in_place_updates(fused, 256))
+    # codegen numbers kernels in schedule order; the graph, the fusion report and the plan keep fusion's names
+    fusion_name = {k.name: k.nodes[0].kernel for k in lowered.kernels if k.nodes and k.nodes[0].kernel}
 
     views = [data.graph_view("forward", "forward (inference)", st.forward, batch)]
     if st.backward is not None:
         views.append(data.graph_view("backward", "forward + generated backward", st.backward, batch))
     views.append(data.graph_view("kernels", "training step, fused into kernels" if st.train is not None
                                  else "inference, fused into kernels", fused, batch, by_kernel=True))
-    kernel_info = reports.kernel_reports(fused, fusion, plan, source)
+    kernel_info = reports.kernel_reports(fused, fusion, plan, source, fusion_name)
     for gid, grp in views[-1]["groups"].items():
         if gid.startswith("k:") and gid[2:] in kernel_info:
             grp["label"] = f"{gid[2:]} · {kernel_info[gid[2:]]['kind']}"
@@ -130,7 +134,7 @@ def build_payload(st: Stages, batch: int = 256, *, profile: bool = False, health
     if health:
         payload["health"] = _health(st)
     if profile:
-        payload["profile"] = _profile(st, fused, batch)
+        payload["profile"] = _profile(st, fused, batch, fusion_name)
     return payload
 
 
@@ -145,7 +149,7 @@ def _health(st: Stages) -> list[dict]:
             for h in gc.gradient_health(st.model, batch=64)]
 
 
-def _profile(st: Stages, fused: Graph, batch: int, steps: int = 5) -> dict:
+def _profile(st: Stages, fused: Graph, batch: int, fusion_name: dict[str, str], steps: int = 5) -> dict:
     """Milliseconds per kernel (the median of ``steps`` timed runs after a warm-up)."""
     import numpy as np
 
@@ -171,7 +175,7 @@ def _profile(st: Stages, fused: Graph, batch: int, steps: int = 5) -> dict:
             feeds[v.name] = (rng.normal(size=shape) if v.type.dtype.is_float
                              else rng.integers(0, 2, size=shape)).astype(v.type.dtype.np)
     seconds = program.profile(feeds, steps)
-    return {"steps": steps, "ms": {k: s * 1e3 for k, s in seconds.items()},
+    return {"steps": steps, "ms": {fusion_name.get(k, k): s * 1e3 for k, s in seconds.items()},
             "compile_s": program.compile_seconds}
 
 

@@ -19,14 +19,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from gradfuse.ir.graph import ArgKind, Graph, Node
-from gradfuse.ir.printer import format_comment, print_node
+from gradfuse.ir.printer import print_node
 from gradfuse.ir.registry import role
 
 from .layout import layered_layout
 
 ROOT = ""
 CHAR_W, NODE_H, GROUP_H, MAX_CHARS = 6.4, 30, 36, 34
-_OF = re.compile(r"^(?:vjp\([^)]*\)|sgd|adam) of %(\S+?):")
+_OF = re.compile(r"^(?:vjp\([^)]*\)|sgd|adam) of %([^\s:]+)")
 _ACCUMULATE = re.compile(r"^accumulate: %(\S+) is used")
 
 
@@ -175,8 +175,6 @@ def graph_view(key: str, title: str, g: Graph, batch: int, *, by_kernel: bool = 
                 rec["sc"] = u.scope
             if u.kernel:
                 rec["k"] = u.kernel
-            if format_comment(u):
-                rec["c"] = format_comment(u)
         if h:
             rec["h"] = 1
         nodes.append(rec)
@@ -218,6 +216,8 @@ def _layout_state(gid: str, groups: dict, nodes: list[dict], members: dict[str, 
     """The layout with ``gid``'s path expanded: its members, and every sibling of the path collapsed.
     Only the edges whose ends meet in a group of the path can show: the others join two nodes of
     one collapsed box."""
+    if gid.startswith("k:"):  # a kernel: its ops alone, drawn over its box in its scope's layout
+        return _inset(gid, groups, nodes, members, buckets)
     path = groups[gid]["chain"]
     open_ = [ROOT, *path]
     is_open = set(open_)
@@ -260,8 +260,20 @@ def _layout_state(gid: str, groups: dict, nodes: list[dict], members: dict[str, 
                 a, b = item(i), item(j)
                 if a != b:
                     edges.add((a, b))
-    # lay out in the graph's order (arguments first): back edges are then those against it
-    ranked = sorted(order)
+    return _place(sorted(order), items, edges, groups, nodes)
+
+
+def _inset(gid: str, groups: dict, nodes: list[dict], members: dict[str, list[int]],
+           buckets: dict[tuple[str, str], list[tuple[int, int]]]) -> dict:
+    items = {("n", i): k for k, i in enumerate(members[gid])}
+    edges = {(items[("n", i)], items[("n", j)]) for i, j in buckets.get((gid, gid), []) if i != j}
+    out = _place([(i, ("n", i)) for i in members[gid]], items, edges, groups, nodes)
+    out["inset"] = groups[gid]["parent"]
+    return out
+
+
+def _place(ranked: list, items: dict, edges: set, groups: dict, nodes: list[dict]) -> dict:
+    """Lay out in the graph's order (arguments first): back edges are then those against it."""
     renumber = {items[key]: k for k, (_, key) in enumerate(ranked)}
     keys = [key for _, key in ranked]
     sizes = []

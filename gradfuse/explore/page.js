@@ -43,14 +43,37 @@ function show(viewKey, group) {
   S.view = viewKey;
   const view = views[viewKey];
   S.group = group in view.groups ? group : "";
-  const L = view.layouts[S.group];
+  let L = view.layouts[S.group], inset = null;
+  if (L.inset !== undefined) { inset = L; L = view.layouts[L.inset]; }  // a kernel: its ops over its box
   const svg = $("canvas");
   const parts = [];
+  drawLayout(view, L, parts, 0, 0, "");
+  if (inset) {
+    const box = L.items.find(([kind, ref]) => kind === "g" && ref === S.group);
+    const ox = box[2] - inset.w / 2, oy = box[3] + box[5] / 2 + 16;
+    parts.push(`<rect class="inset" x="${ox - 12}" y="${oy - 12}" width="${inset.w + 24}" height="${inset.h + 24}" rx="8"/>`);
+    drawLayout(view, inset, parts, ox, oy, "i");
+  }
+  svg.innerHTML = `<defs><marker id="arrow" viewBox="0 0 8 8" refX="8" refY="4" markerWidth="7" markerHeight="7" orient="auto">` +
+    `<path d="M0,0L8,4L0,8z" fill="#98a2ad"/></marker></defs><g id="scene">${parts.join("")}</g>`;
+  S.itemEls = new Map();
+  for (const el of svg.querySelectorAll("g.item")) {
+    S.itemEls.set(el.dataset.v !== undefined ? "n" + view.byValue.get(el.dataset.v) : "g" + el.dataset.g, el);
+  }
+  S.layout = L;
+  S.shown = L.items.length + (inset ? inset.items.length : 0);
+  fit();
+  if (inset) centerOn(S.itemEls.get("g" + S.group));
+  crumbs();
+  for (const b of $("views").children) b.classList.toggle("on", b.dataset.key === viewKey);
+}
+
+function drawLayout(view, L, parts, ox, oy, tag) {
   for (const [a, b, pts] of L.edges) {
     let d = "M" + pts[0] + "," + pts[1];
     for (let k = 2; k < pts.length; k += 2) d += "L" + pts[k] + "," + pts[k + 1];
     const back = pts[pts.length - 1] < pts[1] ? " back" : "";
-    parts.push(`<path class="edge${back}" data-a="${a}" data-b="${b}" d="${d}" marker-end="url(#arrow)"/>`);
+    parts.push(`<path class="edge${back}" data-a="${tag}${a}" data-b="${tag}${b}" d="${d}" transform="translate(${ox},${oy})" marker-end="url(#arrow)"/>`);
   }
   L.items.forEach(([kind, ref, x, y, w, h], k) => {
     let cls, label, sub, attr;
@@ -65,21 +88,11 @@ function show(viewKey, group) {
       label = g.label; sub = g.sub || ""; attr = `data-g="${esc(ref)}"`;
     }
     const fit = (s) => s.length > 34 ? s.slice(0, 33) + "…" : s;
-    parts.push(`<g class="${cls}" data-k="${k}" ${attr} transform="translate(${x - w / 2},${y - h / 2})">` +
+    parts.push(`<g class="${cls}" data-k="${tag}${k}" ${attr} transform="translate(${ox + x - w / 2},${oy + y - h / 2})">` +
       `<rect width="${w}" height="${h}" rx="${kind === "n" ? 4 : 7}"/>` +
       `<text x="8" y="${h / 2 - 2}">${esc(fit(label))}</text><text class="sub" x="8" y="${h / 2 + 10}">${esc(fit(sub))}</text>` +
       `<title>${esc(kind === "n" ? view.nodes[ref].ir : label + " — " + sub)}</title></g>`);
   });
-  svg.innerHTML = `<defs><marker id="arrow" viewBox="0 0 8 8" refX="8" refY="4" markerWidth="7" markerHeight="7" orient="auto">` +
-    `<path d="M0,0L8,4L0,8z" fill="#98a2ad"/></marker></defs><g id="scene">${parts.join("")}</g>`;
-  S.itemEls = new Map();
-  for (const el of svg.querySelectorAll("g.item")) {
-    S.itemEls.set(el.dataset.v !== undefined ? "n" + view.byValue.get(el.dataset.v) : "g" + el.dataset.g, el);
-  }
-  S.layout = L;
-  fit();
-  crumbs();
-  for (const b of $("views").children) b.classList.toggle("on", b.dataset.key === viewKey);
 }
 
 function crumbs() {
@@ -87,7 +100,7 @@ function crumbs() {
   const chain = view.groups[S.group].chain;
   let h = `<a data-open="">${esc(view.groups[""].label)}</a>`;
   for (const g of chain) h += ` › <a data-open="${esc(g)}">${esc(view.groups[g].label)}</a>`;
-  $("crumbs").innerHTML = h + ` <span class="muted">(${view.title}; ${S.layout.items.length} shown)</span>`;
+  $("crumbs").innerHTML = h + ` <span class="muted">(${view.title}; ${S.shown} shown)</span>`;
   for (const a of $("crumbs").querySelectorAll("a")) a.onclick = () => { show(S.view, a.dataset.open); reselect(); };
 }
 
@@ -105,12 +118,20 @@ function fit() {
   if (bw < minW) { bh *= minW / bw; bw = minW; }
   setBox(L.w / 2 - bw / 2, L.h / 2 - bh / 2, bw, bh);
 }
-function centerOn(el) {
+function centre(el) {
   const t = el.transform.baseVal.consolidate().matrix, r = el.querySelector("rect");
-  const cx = t.e + r.width.baseVal.value / 2, cy = t.f + r.height.baseVal.value / 2;
+  return [t.e + r.width.baseVal.value / 2, t.f + r.height.baseVal.value / 2];
+}
+function centerOn(el, other) {
+  // bring el (and other, the node it links to, where both fit) into sight at a readable scale
+  let [cx, cy] = centre(el);
   const [x, y, w, h] = S.box, px = $("canvas").getBoundingClientRect().width || 800;
-  if (cx < x || cx > x + w || cy < y || cy > y + h || w > 1.6 * px) {  // out of sight, or too small to read
-    const nw = Math.min(w, 1.2 * px), nh = h * nw / w;
+  const nw = Math.min(w, 1.2 * px), nh = h * nw / w;
+  if (other) {
+    const [ox, oy] = centre(other);
+    if (Math.abs(ox - cx) < nw * 0.8 && Math.abs(oy - cy) < nh * 0.8) { cx = (cx + ox) / 2; cy = (cy + oy) / 2; }
+  }
+  if (other || cx < x || cx > x + w || cy < y || cy > y + h || w > 1.6 * px) {  // out of sight, or too small to read
     setBox(cx - nw / 2, cy - nh / 2, nw, nh);
   }
 }
@@ -175,8 +196,8 @@ function selectNode(viewKey, i) {
   for (const x of n.i || []) mark(view, view.byValue.get(x), "rel");
   for (const u of view.users.get(i) || []) mark(view, u, "rel");
   const fwd = n.f !== undefined ? view.byValue.get(n.f) : undefined;
-  if (fwd !== undefined) mark(view, fwd, "fwd");
-  if (el) centerOn(el);
+  const fel = fwd !== undefined ? mark(view, fwd, "fwd") : null;
+  if (el) centerOn(el, fel);
   details(view, i, fwd);
   const hash = "#" + (viewKey === firstView(n.v) ? "" : viewKey + "/") + "%" + n.v;
   if (location.hash !== hash) history.replaceState(null, "", hash);
@@ -276,7 +297,8 @@ function kernelDetails(name) {
     h += `<h3>not fused (${k.rejected.length})</h3>` + k.rejected.map((r) =>
       `<div>${vlink(r.p, "kernels")} (${esc(r.po)}) → ${vlink(r.c, "kernels")} (${esc(r.co)}): ${esc(r.why)}</div>`).join("");
   } else h += `<h3>not fused</h3><span class="muted">every producer→consumer pair of its ops is fused</span>`;
-  h += `<h3>generated source</h3><div class="src" id="ksrc">` + k.src.map((line, j) => {
+  h += `<h3>generated source</h3>` + (k.fn && k.fn !== name ? `<p class="muted">the function <code>${esc(k.fn)}</code> of the module (codegen numbers kernels in schedule order)</p>` : "") +
+    `<div class="src" id="ksrc">` + k.src.map((line, j) => {
     const m = k.marks[j];
     return `<div data-op="${m}" style="border-left-color:${m >= 0 ? hue(m) : "transparent"}">${esc(line) || " "}</div>`;
   }).join("") + `</div>`;

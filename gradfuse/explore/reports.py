@@ -68,10 +68,12 @@ def mark_lines(lines: list[str], nodes: list[Node]) -> list[int]:
     return marks
 
 
-def kernel_reports(fused: Graph, report: FusionReport, plan: MemoryPlan, source: str) -> dict[str, dict]:
+def kernel_reports(fused: Graph, report: FusionReport, plan: MemoryPlan, source: str,
+                   fusion_name: dict[str, str]) -> dict[str, dict]:
     """Per kernel: kind, ops, traffic, the pairs not fused (and why), its memory-plan step and the
-    placement of what it writes, and its source with each line's op."""
-    funcs = kernel_functions(source)
+    placement of what it writes, and its source with each line's op. ``fusion_name``: the
+    generated function of each kernel -> the kernel's name in the graph."""
+    funcs = {fusion_name.get(fn, fn): (fn, lines) for fn, lines in kernel_functions(source).items()}
     step_of = {s.name: s.index for s in plan.steps}
     out = {}
     for k in report.kernels:
@@ -85,12 +87,12 @@ def kernel_reports(fused: Graph, report: FusionReport, plan: MemoryPlan, source:
             if p is not None:
                 writes.append({"v": v.name, "kind": p.kind, "b": p.nbytes, "first": p.first, "last": p.last,
                                "off": p.offset, "of": p.in_place_of or p.alias_of or p.storage})
-        lines = funcs.get(k.name, [])
+        fn, lines = funcs.get(k.name, (None, []))
         out[k.name] = {
             "kind": k.kind, "ops": [n.outputs[0].name for n in k.nodes],
             "reads": [v.name for v in k.reads], "br": k.bytes_read, "bw": k.bytes_written,
             "rejected": rejected, "step": step_of.get(k.name), "writes": writes,
-            "src": lines, "marks": mark_lines(lines, k.nodes),
+            "fn": fn, "src": lines, "marks": mark_lines(lines, k.nodes),
         }
     return out
 
