@@ -244,5 +244,23 @@ def test_a_screenshot_for_the_readme(browser, tmp_path):
     assert os.path.getsize(SCREENSHOT) > 10_000
 
 
+def test_kernel_times_and_gradient_health_are_drawn(browser, tmp_path):
+    page = str(tmp_path / "mlp.html")
+    assert main(["explore", os.path.join(ROOT, "examples", "digits_mlp.py"), "-o", page, "--batch", "32",
+                 "--profile", "--gradcheck"]) == 0
+    html = open(page, encoding="utf-8").read()
+    payload = json.loads(re.search(r'id="payload">(.*?)</script>', html, re.S).group(1).replace("<\\/", "</"))
+    assert set(payload["profile"]["ms"]) == set(payload["kernels"])  # every kernel timed, by its name in the graph
+    assert [h["layer"] for h in payload["health"]] == ["fc1", "fc2", "loss"]
+    _open(browser, page)
+    for tab in ("kernel times", "gradient health"):
+        browser.find_element("xpath", f"//nav[@id='chart-tabs']/button[text()='{tab}']").click()
+        assert len(browser.find_elements("css selector", "#chart g.bar")) >= 3
+    browser.find_element("xpath", "//nav[@id='chart-tabs']/button[text()='kernel times']").click()
+    browser.find_element("css selector", "#chart g.bar").click()  # the slowest kernel opens
+    assert browser.find_element("css selector", "#details h2").text.startswith("kernel ")
+    assert _errors(browser) == []
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

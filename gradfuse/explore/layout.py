@@ -8,7 +8,8 @@ O(sweeps * (nodes + dummies + edges)), so it neither hangs nor overflows on a tr
    any input lays out, cycles included (a layer's forward and backward collapsed into one box);
 2. layers by longest path from the sources; a source (a parameter) moves down next to its
    first user;
-3. edges spanning several layers get dummy points (up to a budget), which route them as polylines;
+3. edges spanning several layers get dummy points (up to a budget: three per node), which route
+   them as polylines;
 4. order within layers: barycenter sweeps down and up;
 5. x: packed in order, pulled towards the neighbours' mean, overlaps pushed apart.
 """
@@ -62,7 +63,7 @@ def layered_layout(sizes: list[tuple[float, float]], edges: list[tuple[int, int]
     chains: dict[tuple[int, int], list[int]] = {}
     nbr_up: list[list[int]] = [[] for _ in range(n)]
     nbr_down: list[list[int]] = [[] for _ in range(n)]
-    budget = MAX_DUMMIES
+    budget = min(MAX_DUMMIES, 3 * n + 60)  # past it, long edges are drawn straight: sweeps stay O(nodes)
     for a, b in dict.fromkeys(dag):
         span = layer[b] - layer[a]
         chain = []
