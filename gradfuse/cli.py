@@ -409,7 +409,7 @@ def cmd_explore(args) -> int:
     _check_outputs((output, "page", False))
     command = "gradfuse explore " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["explore"] else ""
     report = explore(args.model, output, batch=args.batch, optimizer=_optimizer(args), profile=args.profile,
-                     gradcheck=args.gradcheck, command=command)
+                     gradcheck=args.gradcheck, command=command, dtype=args.dtype)
     print(f"wrote {report.path}: {report.bytes:,} bytes, {report.nodes:,} nodes in {report.layouts} layouts, "
           f"in {report.seconds:.1f} s")
     print(f"  open it:  file://{os.path.abspath(report.path)}   (a node: #%grad.NAME, a kernel: #kernels/k:k3)")
@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--batch", type=int, default=256, help="batch size N for bytes, fusion and the memory plan")
     ex.add_argument("--profile", action="store_true", help="compile and time each kernel over a few steps")
     ex.add_argument("--gradcheck", action="store_true", help="add the gradient-health report per layer (float64)")
-    _optimizer_flags(ex)
+    _optimizer_flags(ex)  # for a model file: an artifact shows the training step it was compiled with
     ex.set_defaults(run=cmd_explore)
 
     bench = sub.add_parser("bench", help="benchmarks beside numpy, PyTorch and JAX (when installed)")

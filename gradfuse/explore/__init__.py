@@ -42,19 +42,27 @@ class ExploreReport:
     layouts: int  # the layouts written (one per group and view)
 
 
-def stages_of_model(spec: str, optimizer) -> Stages:
+def stages_of_model(spec: str, optimizer=None, dtype: str | None = None) -> Stages:
+    """The stages as ``gradfuse.compile`` makes them (``dtype``: every float in that precision)."""
     from gradfuse.loader import load_model
-    from gradfuse.stages import backward, training_step
+    from gradfuse.model import float_dtype
+    from gradfuse.passes.autodiff import differentiate
+    from gradfuse.passes.optimizer import SGD, add_optimizer
+    from gradfuse.passes.precision import with_float
 
     model = load_model(spec)
-    forward = model.trace()
+    dt = None if dtype is None else float_dtype(dtype)
+
+    def precise(g: Graph) -> Graph:
+        return g if dt is None else with_float(g, dt)
+
+    folder = os.path.dirname(os.path.abspath(spec.split(":")[0]))
+    forward = precise(model.trace())
     if model.loss is None:
-        return Stages(model.name, forward, None, [], None, os.path.dirname(os.path.abspath(spec.split(":")[0])),
-                      spec, model)
-    grads = backward(model)
-    train = training_step(model, optimizer).graph
-    return Stages(model.name, forward, grads.graph, grads.saved, train,
-                  os.path.dirname(os.path.abspath(spec.split(":")[0])), spec, model)
+        return Stages(model.name, forward, None, [], None, folder, spec, model)
+    grads = differentiate(precise(model.trace(train=True, with_loss=True)))
+    train = add_optimizer(grads, optimizer or SGD()).graph
+    return Stages(model.name, forward, grads.graph, grads.saved, train, folder, spec, model)
 
 
 def stages_of_artifact(path: str) -> Stages:
@@ -141,10 +149,6 @@ def build_payload(st: Stages, batch: int = 256, *, profile: bool = False, health
 def _health(st: Stages) -> list[dict]:
     from gradfuse import gradcheck as gc
 
-    if st.model is None:
-        raise GradfuseError("--gradcheck needs the model file (an artifact keeps no Python code to check)")
-    if st.model.loss is None:
-        raise GradfuseError(f"--gradcheck: model {st.name} has no loss to differentiate")
     return [{"layer": h.layer, "norm": h.grad_norm, "flag": h.flag, "shape": list(h.shape)}
             for h in gc.gradient_health(st.model, batch=64)]
 
@@ -191,12 +195,17 @@ def write_page(payload: dict, path: str) -> int:
 
 
 def explore(spec: str, output: str, batch: int = 256, optimizer=None, profile: bool = False,
-            gradcheck: bool = False, command: str = "") -> ExploreReport:
-    """Write the page of a model file or an artifact directory to ``output``."""
+            gradcheck: bool = False, command: str = "", dtype: str | None = None) -> ExploreReport:
+    """Write the page of a model file or an artifact directory to ``output`` (an artifact keeps its
+    own optimizer and precision: ``optimizer`` and ``dtype`` are for model files)."""
     start = time.perf_counter()
     if batch < 1:
         raise GradfuseError(f"--batch must be at least 1, got {batch}")
-    st = stages_of_artifact(spec) if os.path.isdir(spec) else stages_of_model(spec, optimizer)
+    st = stages_of_artifact(spec) if os.path.isdir(spec) else stages_of_model(spec, optimizer, dtype)
+    if gradcheck and st.model is None:
+        raise GradfuseError("--gradcheck needs the model file (an artifact keeps no Python code to check)")
+    if gradcheck and st.train is None:
+        raise GradfuseError(f"--gradcheck: model {st.name} has no loss to differentiate")
     payload = build_payload(st, batch, profile=profile, health=gradcheck, command=command)
     size = write_page(payload, output)
     return ExploreReport(output, size, time.perf_counter() - start,
