@@ -125,7 +125,7 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path, capsys):
     assert "is a directory" in capsys.readouterr().err
 
 
-def test_an_artifact_has_a_page_too(tmp_path):
+def test_an_artifact_has_a_page_too(browser, tmp_path):
     model = os.path.join(ROOT, "examples", "digits_mlp.py")
     assert main(["compile", model, "-o", str(tmp_path / "mlp")]) == 0
     out = tmp_path / "mlp.html"
@@ -133,6 +133,9 @@ def test_an_artifact_has_a_page_too(tmp_path):
     assert report.bytes > 0
     page = out.read_text()
     assert '"model":"digits_mlp"' in page and "grad.fc1.weight" in page
+    _open(browser, str(out), "#%grad.fc1.weight")
+    assert browser.find_element("css selector", "#canvas g.item.fwd").get_attribute("data-v") == "fc1.matmul"
+    assert _errors(browser) == []
 
 
 # -- in the browser --------------------------------------------------------------------------------
@@ -239,6 +242,7 @@ def test_every_example_page_draws_and_links(browser, pages, name, tmp_path):
     text = browser.find_element("css selector", "#details").text
     assert f"kernel {kernel}" in text and "generated source" in text.lower() and "memory plan" in text.lower()
     assert browser.find_elements("css selector", "#ksrc div[data-op='0']")
+    assert browser.find_element("css selector", "#memstep").get_attribute("visibility") == "visible"  # its step
 
     # search by op finds nodes
     box = browser.find_element("css selector", "#search")
@@ -254,9 +258,20 @@ def test_every_example_page_draws_and_links(browser, pages, name, tmp_path):
 def test_a_screenshot_for_the_readme(browser, tmp_path):
     page = str(tmp_path / "digits_mlp.html")
     assert main(["explore", os.path.join(ROOT, "examples", "digits_mlp.py"), "-o", page]) == 0
+    _open(browser, page)
+    box = browser.find_element("css selector", "#search")  # search by source line: file:line, or its text
+    for query in ("digits_mlp.py:17", "self.fc1(x)"):
+        box.clear()
+        box.send_keys(query)
+        hits = [d.text for d in browser.find_elements("css selector", "#results div[data-view]")]
+        assert hits and all("digits_mlp.py:17" in h for h in hits), hits
+    box.send_keys("\ue007")  # Enter: go to the first hit
+    assert browser.find_element("css selector", "#canvas g.item.sel")
+
     _open(browser, page, "#%grad.fc1.weight")  # the README's command and link
     assert browser.find_element("css selector", "#canvas g.item.fwd").get_attribute("data-v") == "fc1.matmul"
-    browser.find_element("css selector", "#canvas g.item.sel")
+    assert [e.get_attribute("data-v") for e in browser.find_elements("css selector", "#canvas g.item.sel")] == \
+        ["grad.fc1.weight"]
     assert _errors(browser) == []
     os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
     browser.save_screenshot(SCREENSHOT)

@@ -282,9 +282,20 @@ function groupDetails(view, gid) {
   wireLinks($("details"));
 }
 
+function markStep(k, name) {
+  // the kernel's step in the memory timeline, when that chart is shown
+  const line = $("memstep");
+  if (!line || k.step === null || k.step === undefined) return;
+  const M = D.memory, sx = (1100 - 70 - 20) / Math.max(M.steps.length, 1), x = 70 + (k.step + 0.5) * sx;
+  line.setAttribute("x1", x); line.setAttribute("x2", x); line.setAttribute("visibility", "visible");
+  const label = $("memsteplabel");
+  label.setAttribute("x", x + 4); label.textContent = `${name}: step ${k.step}`;
+}
+
 function kernelDetails(name) {
   const k = D.kernels[name];
   if (!k) return;
+  markStep(k, name);
   const hue = (j) => `hsl(${(j * 67) % 360},70%,55%)`;
   let h = `<h2>kernel ${esc(name)} <span class="muted">[${esc(k.kind)}]</span></h2>`;
   h += `<p>reads ${mb(k.br)}, writes ${mb(k.bw)} at N=${D.batch}; step ${k.step} of ${D.memory.steps.length} in the memory plan</p>`;
@@ -403,6 +414,8 @@ function memoryChart() {
   s += `<path d="${d}" fill="none" stroke="#111" stroke-width="1.3"/>`;
   const px = left + (M.peak_step + 0.5) * sx, py = top + (ymax - M.live[M.peak_step]) * sy;
   s += `<circle cx="${px}" cy="${py}" r="4" fill="#c00"/><text x="${px + 6}" y="${py + 12}">peak live ${mb(M.live[M.peak_step] || 0)} at step ${M.peak_step} (${esc(M.steps[M.peak_step] || "")})</text>`;
+  s += `<line id="memstep" x1="0" x2="0" y1="${top}" y2="${H - 30}" stroke="#6c4a93" stroke-width="2" visibility="hidden"/>` +
+    `<text id="memsteplabel" y="${top + 12}" fill="#6c4a93"></text>`;
   s += `<text x="${left}" y="${H - 8}">step 0</text><text x="${W - 20}" y="${H - 8}" text-anchor="end">step ${n - 1}</text>`;
   s += `<text x="4" y="${top + 10}">${mb(ymax)}</text><text x="4" y="${H - 30}">0</text></svg>`;
   s += `<details><summary>memory plan as text</summary><pre>${esc(M.text)}</pre></details>`;
@@ -443,6 +456,8 @@ function chart(name) {
   for (const b of $("chart-tabs").children) b.classList.toggle("on", b.textContent === name);
   for (const el of $("chart").querySelectorAll("[data-value]")) el.onclick = () => goValue(el.dataset.value, el.dataset.view || "kernels");
   for (const el of $("chart").querySelectorAll("[data-kernel]")) el.onclick = () => openGroup("k:" + el.dataset.kernel, "kernels");
+  const sel = S.selected;
+  if (sel && sel.group && sel.group.startsWith("k:") && D.kernels[sel.group.slice(2)]) markStep(D.kernels[sel.group.slice(2)], sel.group.slice(2));
 }
 
 // ---------- start ----------
