@@ -101,6 +101,7 @@ def graph_view(key: str, title: str, g: Graph, batch: int, *, by_kernel: bool = 
         for v in u.outputs:
             producers[v] = u
     index = {id(u): i for i, u in enumerate(units)}
+    by_name = {v.name: u for u in units for v in u.outputs}
     hidden = [isinstance(u, Node) and role(u) == "immediate" for u in units]
 
     def scope_of(u) -> str:
@@ -111,6 +112,9 @@ def graph_view(key: str, title: str, g: Graph, batch: int, *, by_kernel: bool = 
         m = _OF.match(u.note or "")
         if m and u.stage == "update":  # "sgd of %fc1.weight": the update belongs to its param's layer
             return _scope_of_name(m.group(1) + ".x", scopes)
+        m = _ACCUMULATE.match(u.note or "")
+        if m and m.group(1) in by_name and by_name[m.group(1)] is not u:  # a gradient sum: the layer of its value
+            return scope_of(by_name[m.group(1)])
         return ROOT
 
     kernel_scope: dict[str, str] = {}  # a kernel lies in the scope of its anchor (else of its first op)

@@ -62,7 +62,7 @@ function show(viewKey, group) {
   }
   S.layout = L;
   S.shown = L.items.length + (inset ? inset.items.length : 0);
-  fit();
+  fit(false);
   if (inset) centerOn(S.itemEls.get("g" + S.group));
   crumbs();
   for (const b of $("views").children) b.classList.toggle("on", b.dataset.key === viewKey);
@@ -108,14 +108,22 @@ function setBox(x, y, w, h) {
   S.box = [x, y, w, h];
   $("canvas").setAttribute("viewBox", `${x} ${y} ${w} ${h}`);
 }
-function fit() {
+function fit(all) {
+  // the whole layout, unless that makes its text too small to read (all: the whole layout anyway):
+  // then the top of it at a readable scale, to pan and zoom from
   const L = S.layout, r = $("canvas").getBoundingClientRect();
   const pad = 30, w = Math.max(L.w + 2 * pad, 200), h = Math.max(L.h + 2 * pad, 150);
-  const aspect = (r.width || 800) / (r.height || 500);
+  const pw = r.width || 800, ph = r.height || 500, aspect = pw / ph;
   let bw = w, bh = h;
   if (bw / bh < aspect) bw = bh * aspect; else bh = bw / aspect;
-  const minW = (r.width || 800) * 0.9;  // never magnify past ~1:1 on small graphs
+  const minW = pw * 0.9;  // never magnify past ~1:1 on small graphs
   if (bw < minW) { bh *= minW / bw; bw = minW; }
+  const maxW = pw / 0.55;
+  if (!all && bw > maxW) {
+    bh *= maxW / bw; bw = maxW;
+    setBox(L.w / 2 - bw / 2, -pad, bw, bh);
+    return;
+  }
   setBox(L.w / 2 - bw / 2, L.h / 2 - bh / 2, bw, bh);
 }
 function centre(el) {
@@ -163,7 +171,7 @@ function centerOn(el, other) {
     if (el.dataset.g !== undefined) openGroup(el.dataset.g);
     else selectNode(S.view, views[S.view].byValue.get(el.dataset.v));
   });
-  $("fit").onclick = (e) => { e.preventDefault(); fit(); };
+  $("fit").onclick = (e) => { e.preventDefault(); fit(true); };
 })();
 
 // ---------- selection and links ----------
@@ -467,7 +475,7 @@ $("chart-tabs").innerHTML = Object.keys(CHARTS).map((k) => `<button>${esc(k)}</b
 for (const b of $("chart-tabs").children) b.onclick = () => chart(b.textContent);
 $("meta").textContent = `${D.origin} · N=${D.batch}` + (D.command ? ` · ${D.command}` : "");
 window.addEventListener("hashchange", fromHash);
-window.addEventListener("resize", () => fit());
+window.addEventListener("resize", () => fit(false));
 show(D.views[0].key, "");
 if (!fromHash()) show(D.views.find((v) => v.key === "backward") ? "backward" : D.views[0].key, "");
 chart("memory plan");

@@ -46,7 +46,7 @@ def render(payload: dict) -> str:
     <div id="crumbs"></div>
     <svg id="canvas" xmlns="http://www.w3.org/2000/svg"></svg>
     <div id="hint">click a box to expand it · click a node to select it · drag to pan · wheel to zoom ·
-      <a href="#" id="fit">fit</a></div>
+      <a href="#" id="fit">fit all</a></div>
   </section>
   <aside id="details"><p class="muted">Select a node, a layer or a kernel.</p></aside>
 </main>
