@@ -115,6 +115,22 @@ def test_the_layout_takes_thousands_of_nodes_and_cycles_without_recursion():
     assert all(ys[a] < ys[b] for a, b in edges[:n - 1])  # layered top to bottom, the back edge drawn upwards
 
 
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: os.path.basename(p))
+def test_every_kernel_has_its_source_with_each_op_marked(path):
+    from gradfuse.explore import build_payload, stages_of_model
+
+    payload = build_payload(stages_of_model(path), 64)
+    kernels = next(v for v in payload["views"] if v["key"] == "kernels")
+    assert set(payload["kernels"]) == {n["k"] for n in kernels["nodes"] if "k" in n}
+    for name, k in payload["kernels"].items():
+        assert k["src"] and re.match(rf"def {k['fn']}\(", k["src"][1]), name
+        assert set(range(len(k["ops"]))) <= set(k["marks"]), (name, k["ops"], k["marks"])
+        assert k["step"] is not None and payload["memory"]["steps"][k["step"]] == name
+    saved = {s["v"] for s in payload["saved"]}
+    backward = next(v for v in payload["views"] if v["key"] == "backward")
+    assert saved and saved <= {n["v"] for n in backward["nodes"] if n["st"] == "forward"}
+
+
 def test_bad_input_is_one_line_and_exit_1(tmp_path, capsys):
     assert main(["explore", str(tmp_path / "nope.py")]) == 1
     err = capsys.readouterr().err
