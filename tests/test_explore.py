@@ -320,10 +320,13 @@ def test_kernel_times_and_gradient_health_are_drawn(browser, tmp_path):
     payload = json.loads(re.search(r'id="payload">(.*?)</script>', html, re.S).group(1).replace("<\\/", "</"))
     assert set(payload["profile"]["ms"]) == set(payload["kernels"])  # every kernel timed, by its name in the graph
     assert [h["layer"] for h in payload["health"]] == ["fc1", "fc2", "loss"]
+    assert {c["name"]: c["verdict"] for c in payload["gradcheck"]} == {p: "ok" for p in ("fc1.weight", "fc1.bias",
+                                                                                          "fc2.weight", "fc2.bias")}
     _open(browser, page)
     for tab in ("kernel times", "gradient health"):
         browser.find_element("xpath", f"//nav[@id='chart-tabs']/button[text()='{tab}']").click()
         assert len(browser.find_elements("css selector", "#chart g.bar")) >= 3
+    assert "fc1.weight" in browser.find_element("css selector", "#chart table").text  # the gradient check
     browser.find_element("xpath", "//nav[@id='chart-tabs']/button[text()='kernel times']").click()
     browser.find_element("css selector", "#chart g.bar").click()  # the slowest kernel opens
     assert browser.find_element("css selector", "#details h2").text.startswith("kernel ")

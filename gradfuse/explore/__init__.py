@@ -141,6 +141,7 @@ def build_payload(st: Stages, batch: int = 256, *, profile: bool = False, health
     }
     if health:
         payload["health"] = _health(st)
+        payload["gradcheck"] = _gradcheck(st)
     if profile:
         payload["profile"] = _profile(st, fused, batch, fusion_name)
     return payload
@@ -151,6 +152,14 @@ def _health(st: Stages) -> list[dict]:
 
     return [{"layer": h.layer, "norm": h.grad_norm, "flag": h.flag, "shape": list(h.shape)}
             for h in gc.gradient_health(st.model, batch=64)]
+
+
+def _gradcheck(st: Stages) -> list[dict]:
+    """Each parameter's gradient against finite differences, as ``gradfuse gradcheck`` reports it."""
+    from gradfuse import gradcheck as gc
+
+    return [{"name": r.name, "shape": list(r.shape), "err": None if r.zero else r.worst_rel_error,
+             "noise": None if r.zero else r.fd_noise, "verdict": r.verdict} for r in gc.gradcheck(st.model)]
 
 
 def _profile(st: Stages, fused: Graph, batch: int, fusion_name: dict[str, str], steps: int = 5) -> dict:

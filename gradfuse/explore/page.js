@@ -443,9 +443,14 @@ const CHARTS = {
     if (!D.health) return `<p class="muted">made without --gradcheck: run <code>gradfuse explore MODEL --gradcheck</code></p>`;
     const vals = D.health.map((r) => Math.max(r.norm, 1e-30));
     const lo = Math.floor(Math.log10(Math.min(...vals))) - 1, hi = Math.ceil(Math.log10(Math.max(...vals)));
+    const checks = (D.gradcheck || []).map((r) => `<tr><td>${vlink(r.name, "backward")}</td><td>[${r.shape.join(",")}]</td>` +
+      `<td>${r.err === null ? "-" : r.err.toExponential(2)}</td><td>${r.noise === null ? "-" : r.noise.toExponential(1)}</td>` +
+      `<td>${esc(r.verdict)}</td></tr>`).join("");
     return `<p>‖∂L/∂(layer output)‖ over a batch of 64, forward order (log scale); flagged: red.</p>` +
       bars(D.health.map((r) => ["%" + r.layer, Math.max(r.norm, 1e-30), `${r.norm.toExponential(2)} ${r.flag}`,
-        `data-value="${esc(r.layer)}" data-view="forward"`, r.flag ? "#d04040" : "#5b8fd0"]), {log: true, lo, hi});
+        `data-value="${esc(r.layer)}" data-view="forward"`, r.flag ? "#d04040" : "#5b8fd0"]), {log: true, lo, hi}) +
+      (checks ? `<p>each parameter's gradient (backward graph, float64) against finite differences, as <code>gradfuse gradcheck</code>:</p>` +
+        `<table class="kv mono"><tr><td>parameter</td><td>shape</td><td>rel. error</td><td>FD noise</td><td>verdict</td></tr>${checks}</table>` : "");
   },
   "kernel times": () => {
     if (!D.profile) return `<p class="muted">made without --profile: run <code>gradfuse explore MODEL --profile</code></p>`;
