@@ -150,10 +150,13 @@ def graph_view(key: str, title: str, g: Graph, batch: int, *, by_kernel: bool = 
                 if gid not in first or i >= len(g.args) or first[gid] < len(g.args):
                     first[gid] = i
     groups = {gid: grp for gid, grp in groups.items() if gid == ROOT or grp["n"]}
+    kernel_ops: dict[str, dict[str, None]] = defaultdict(dict)  # a kernel's ops, in order, once each
+    for u, chain, h in zip(units, chains, hidden, strict=True):
+        if chain and chain[-1].startswith("k:") and not h:
+            kernel_ops[chain[-1]][u.op] = None
     for gid, grp in groups.items():
         if gid.startswith("k:"):
-            ops = [u.op for u, c in zip(units, chains, strict=True) if c and c[-1] == gid and not hidden[index[id(u)]]]
-            grp["sub"] = "+".join(dict.fromkeys(ops))
+            grp["sub"] = "+".join(kernel_ops[gid])
         elif gid != ROOT:
             grp["sub"] = f"{grp['n']} ops"
 

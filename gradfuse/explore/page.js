@@ -235,7 +235,8 @@ function details(view, i, fwd) {
   }
   if (fwd !== undefined) {
     const f = view.nodes[fwd];
-    h += `<h3>${n.st === "update" ? "updates" : "differentiates"}</h3>${vlink(f.v, view.key)} = <code>${esc(f.o)}</code>` +
+    const what = n.st === "update" ? "updates" : (n.note || "").startsWith("accumulate") ? "sums the gradient parts of" : "differentiates";
+    h += `<h3>${what}</h3>${vlink(f.v, view.key)} = <code>${esc(f.o)}</code>` +
       (f.loc ? ` <span class="muted">${esc(f.loc)}</span>` : "");
   }
   if (n.loc) {
