@@ -284,6 +284,11 @@ def test_a_screenshot_for_the_readme(browser, tmp_path):
     box.send_keys("\ue007")  # Enter: go to the first hit
     assert browser.find_element("css selector", "#canvas g.item.sel")
 
+    _open(browser, page, "#%fc1.weight.next")  # an optimizer update: in the training step, linked to its param
+    assert browser.find_element("css selector", "#views button.on").text == "train"
+    assert browser.find_element("css selector", "#canvas g.item.fwd").get_attribute("data-v") == "fc1.weight"
+    assert "updates" in browser.find_element("css selector", "#details").text.lower()
+
     _open(browser, page, "#%grad.fc1.weight")  # the README's command and link
     assert browser.find_element("css selector", "#canvas g.item.fwd").get_attribute("data-v") == "fc1.matmul"
     assert [e.get_attribute("data-v") for e in browser.find_elements("css selector", "#canvas g.item.sel")] == \

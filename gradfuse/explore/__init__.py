@@ -1,5 +1,5 @@
 """``gradfuse explore``: one self-contained HTML page per model linking its forward graph, the
-generated backward, the fused training step's kernels, their generated source and the reports
+generated backward, the training step, its fused kernels, their generated source and the reports
 (fusion decisions, memory plan, saved values, gradient health, kernel times).
 
 The page needs no network and no server: the data is one JSON object inlined into it, the
@@ -122,6 +122,8 @@ def build_payload(st: Stages, batch: int = 256, *, profile: bool = False, health
     views = [data.graph_view("forward", "forward (inference)", st.forward, batch)]
     if st.backward is not None:
         views.append(data.graph_view("backward", "forward + generated backward", st.backward, batch))
+    if st.train is not None:
+        views.append(data.graph_view("train", "training step: forward, backward, optimizer update", st.train, batch))
     views.append(data.graph_view("kernels", "training step, fused into kernels" if st.train is not None
                                  else "inference, fused into kernels", fused, batch, by_kernel=True))
     kernel_info = reports.kernel_reports(fused, fusion, plan, source, fusion_name)

@@ -91,12 +91,14 @@ def layered_layout(sizes: list[tuple[float, float]], edges: list[tuple[int, int]
         for i, v in enumerate(row):
             pos[v] = i
 
+    pos_of = pos.__getitem__
+
     def sweep(rows, nbrs):
         for row in rows:
             keyed = []
             for v in row:
                 ns = nbrs[v]
-                keyed.append((sum(pos[u] for u in ns) / len(ns) if ns else pos[v], pos[v], v))
+                keyed.append((sum(map(pos_of, ns)) / len(ns) if ns else pos[v], pos[v], v))
             keyed.sort()
             row[:] = [v for _, _, v in keyed]
             for i, v in enumerate(row):
@@ -119,7 +121,7 @@ def layered_layout(sizes: list[tuple[float, float]], edges: list[tuple[int, int]
     for rows, nbrs in ((layers[1:], nbr_up), (list(reversed(layers[:-1])), nbr_down),
                        (layers[1:], nbr_up)):
         for row in rows:
-            want = [sum(x[u] for u in nbrs[v]) / len(nbrs[v]) if nbrs[v] else x[v] for v in row]
+            want = [sum(map(x.__getitem__, nbrs[v])) / len(nbrs[v]) if nbrs[v] else x[v] for v in row]
             placed = list(want)
             for i in range(1, len(row)):  # left to right: keep the order and the gaps
                 lo = placed[i - 1] + (width[row[i - 1]] + width[row[i]]) / 2 + GAP_X

@@ -225,7 +225,8 @@ function details(view, i, fwd) {
   const n = view.nodes[i];
   let h = `<h2>%${esc(n.v)}: ${esc(n.t)}</h2><pre>${esc(n.ir)}</pre><table class="kv">`;
   h += `<tr><td>op</td><td><code>${esc(n.o)}</code> · ${esc(n.st)}</td></tr>`;
-  if (n.sc) h += `<tr><td>layer</td><td><a class="v" data-view="${view.key}" data-group="s:${esc(n.sc)}">@${esc(n.sc)}</a></td></tr>`;
+  const layer = n.sc ? "s:" + n.sc : n.g.startsWith("s:") ? n.g : null;  // an update: its parameter's layer
+  if (layer) h += `<tr><td>layer</td><td><a class="v" data-view="${view.key}" data-group="${esc(layer)}">@${esc(layer.slice(2))}</a></td></tr>`;
   if (n.k) h += `<tr><td>kernel</td><td><a class="v" data-kernel="${esc(n.k)}">${esc(n.k)}</a></td></tr>`;
   h += `<tr><td>size</td><td>${mb(n.b)} at N=${D.batch}</td></tr></table>`;
   if (n.note) {
