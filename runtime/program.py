@@ -303,8 +303,9 @@ class Program:
 
     def profile(self, feeds: Mapping[str, np.ndarray], steps: int = 5) -> dict[str, float]:
         """Seconds per kernel, the median of ``steps`` runs after one warm-up run (which compiles),
-        calling the kernels one by one as :meth:`run_checked` does. Params and state in ``feeds``
-        are updated in place, as by :meth:`run`."""
+        calling the kernels one by one as :meth:`run_checked` does (in the schedule's order, without its
+        checks). Kernels that update params and state in place write into the arrays of ``feeds``;
+        the other updates are not copied back: the numbers of a timed step do not matter."""
         sizes, arrays = self.bind(feeds)
         values = {v: a for (_, v), a in zip(self.graph.args, arrays, strict=True)}
         values.update((v, arrays[b].reshape(v.type.concrete(sizes)) if isinstance(b, int) else b)
