@@ -462,6 +462,22 @@ def _launched() -> bool:
     return launched_by_mpi()
 
 
+def cmd_explore(args) -> int:
+    import os
+
+    from gradfuse.explore import explore
+
+    output = args.output or os.path.splitext(os.path.basename(args.model.rstrip("/").split(":")[0]))[0] + ".html"
+    _check_outputs((output, "page", False))
+    command = "gradfuse explore " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["explore"] else ""
+    report = explore(args.model, output, batch=args.batch, optimizer=_optimizer(args), profile=args.profile,
+                     gradcheck=args.gradcheck, command=command, dtype=args.dtype)
+    print(f"wrote {report.path}: {report.bytes:,} bytes, {report.nodes:,} nodes in {report.layouts} layouts, "
+          f"in {report.seconds:.1f} s")
+    print(f"  open it:  file://{os.path.abspath(report.path)}   (a node: #%grad.NAME, a kernel: #kernels/k:k3)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from gradfuse.bench import main as bench
 
@@ -580,6 +596,20 @@ def build_parser() -> argparse.ArgumentParser:
                                        "must exist on every machine")
     _optimizer_flags(tr)
     tr.set_defaults(run=cmd_train)
+
+    ex = sub.add_parser("explore", help="write one self-contained HTML page linking the forward graph, the "
+                                        "backward, the kernels, their source and the reports",
+                        description="Write a page that opens from disk with no network: the forward graph, the "
+                                    "generated backward and the fused training step as layered graphs collapsed "
+                                    "to one box per layer and kernel, linked to the VJP rules, the model's source, "
+                                    "the fusion report, the memory plan and the generated kernels.")
+    ex.add_argument("model", help="a Python file defining `model` (or FILE.py:OBJECT), or an artifact directory")
+    ex.add_argument("-o", "--output", help="the HTML file to write (default: MODEL.html here)")
+    ex.add_argument("--batch", type=int, default=256, help="batch size N for bytes, fusion and the memory plan")
+    ex.add_argument("--profile", action="store_true", help="compile and time each kernel over a few steps")
+    ex.add_argument("--gradcheck", action="store_true", help="add the gradient-health report per layer (float64)")
+    _optimizer_flags(ex)  # for a model file: an artifact shows the training step it was compiled with
+    ex.set_defaults(run=cmd_explore)
 
     bench = sub.add_parser("bench", help="benchmarks beside numpy, PyTorch and JAX (when installed)")
     bench.add_argument("--only", nargs="*", help="mlp, gelu-layernorm, compile, mpi (data-parallel at 1 and 2 "

@@ -277,5 +277,14 @@ def all_ops() -> dict[str, OpDef]:
     return dict(_REGISTRY)
 
 
+_LOADED = False
+
+
 def _load_ops() -> None:
-    from . import ops  # noqa: F401  (registers every op on first import)
+    """Import the op records once (an import statement costs microseconds even when cached, and
+    the passes ask for an op's record hundreds of thousands of times on a large graph)."""
+    global _LOADED
+    if not _LOADED:
+        from . import ops  # noqa: F401  (registers every op on first import)
+
+        _LOADED = True

@@ -505,8 +505,12 @@ class _Scheduler:
         def freed(i: int) -> int:
             return sum(f.nbytes(v) for v in self.reads[i] if v in live and pending[v] == {i} and v not in f.to_end)
 
+        # each ready step's score, kept until a step done changes what it depends on: the pending
+        # readers of what it reads or of the argument it updates, or which of its operands are live
+        updating = {i: {f.update_of[v] for v in self.created[i] if v in f.update_of} for i in range(n)}
+        score = {i: grown(i) - freed(i) for i in ready}
         while ready:
-            best = min(ready, key=lambda i: (grown(i) - freed(i), i))
+            best = min(ready, key=lambda i: (score[i], i))
             ready.remove(best)
             order.append(best)
             in_place += sum(1 for v in self.created[best] if v in f.update_of
@@ -517,10 +521,15 @@ class _Scheduler:
             for src in self.reads[best]:
                 pending[src].discard(best)
             live.update(v for v in self.created[best] if v in pending)
+            changed = self.reads[best].union(self.created[best])
+            for i in ready:
+                if not changed.isdisjoint(self.reads[i]) or not updating[i].isdisjoint(self.reads[best]):
+                    score[i] = grown(i) - freed(i)
             for u in after[best]:
                 waiting[u] -= 1
                 if not waiting[u]:
                     ready.add(u)
+                    score[u] = grown(u) - freed(u)
         assert len(order) == n, "the step dependencies have a cycle"
         return order, (peak, -in_place)
 

@@ -308,6 +308,33 @@ class Program:
                 values[old][...] = values[new]
         return [before[v] if v in before else values[v].copy() for v in self.graph.outputs]
 
+    def profile(self, feeds: Mapping[str, np.ndarray], steps: int = 5) -> dict[str, float]:
+        """Seconds per kernel, the median of ``steps`` runs after one warm-up run (which compiles),
+        calling the kernels one by one as :meth:`run_checked` does (in the schedule's order, without its
+        checks). Kernels that update params and state in place write into the arrays of ``feeds``;
+        the other updates are not copied back: the numbers of a timed step do not matter."""
+        sizes, arrays = self.bind(feeds)
+        values = {v: a for (_, v), a in zip(self.graph.args, arrays, strict=True)}
+        values.update((v, arrays[b].reshape(v.type.concrete(sizes)) if isinstance(b, int) else b)
+                      for v, b in zip(self.kernels.buffers, self.buffers(sizes), strict=True))
+        arg = self.backend.argument
+        env: dict[str, object] = dict(sizes)
+        env.update({arg(v): a for v, a in values.items()})
+        times: dict[str, list[float]] = {}
+        for run in range(steps + 1):
+            for item in self.kernels.schedule:
+                if not hasattr(item, "anchors"):  # a view
+                    values[item.outputs[0]] = values[item.inputs[0]].reshape(item.outputs[0].type.concrete(sizes))
+                    env[arg(item.outputs[0])] = values[item.outputs[0]]
+                    continue
+                kernel = getattr(self.module, item.name)
+                args = [env[p] for p in self.backend.kernel_arguments(item)]
+                start = time.perf_counter()
+                kernel(*args)
+                if run:
+                    times.setdefault(item.name, []).append(time.perf_counter() - start)
+        return {name: float(np.median(t)) for name, t in times.items()}
+
     def _explain_nonfinite(self, kernel, values, sizes, get_op) -> str:
         """Replay the kernel's nodes in numpy to find the first one whose result is not finite."""
         from gradfuse.ir.interpreter import concrete_attrs
