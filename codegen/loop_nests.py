@@ -414,7 +414,7 @@ def _rows(b: Builder, k: Kernel) -> None:
 
         row = None  # where later passes read the row from: x itself, or a scratch row
         if made:
-            row = direct if direct is not None else b.scratch([C], x.type.dtype, name="t_x")
+            row = direct if direct is not None else b.scratch([x.type.shape[axis]], x.type.dtype, name="t_x")
 
         def read(j) -> str:
             if row is None:
@@ -433,8 +433,7 @@ def _rows(b: Builder, k: Kernel) -> None:
                 for name, s in stats.items():
                     if level[name] == lvl:
                         element = b.let(_fill(s.element, {**values, "x": xj, "j": j}), name + "_e")
-                        ident = _fill(s.identity, values) if s.identity else None
-                        values[name] = b.accumulate(s.combine, element, ident, "row_" + name)
+                        values[name] = b.accumulate(s.combine, element, name="row_" + name)
             for name, s in stats.items():
                 if level[name] == lvl and s.finish:
                     values[name] = b.let(_fill(s.finish, {**values, "acc": values[name]}), "row_" + name)

@@ -24,14 +24,20 @@ class Target:
     name: str
     gemm: GemmFusion
     module: str  # where the backend object lives (imported on first use: Numba comes with it)
+    attribute: str = "BACKEND"  # its name there
 
     def backend(self):
-        return importlib.import_module(self.module).BACKEND
+        return getattr(importlib.import_module(self.module), self.attribute)
 
 
 TARGETS = {
     "cpu": Target("cpu", GemmFusion(prologue=False, epilogue=True, product_in_memory=True, accumulate=True),
                   "gradfuse.codegen.cpu"),
+    # the tiled GEMM writes its product before the epilogue (a phase of its own) and does not accumulate
+    "cuda": Target("cuda", GemmFusion(prologue=False, epilogue=True, product_in_memory=True, accumulate=False),
+                   "gradfuse.codegen.cuda"),
+    "cudasim": Target("cudasim", GemmFusion(prologue=False, epilogue=True, product_in_memory=True, accumulate=False),
+                      "gradfuse.codegen.cuda", "SIM_BACKEND"),
 }
 
 

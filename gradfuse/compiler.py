@@ -150,8 +150,10 @@ class CompiledModel:
 
 def compile(model: Model, optimizer: SGD | Adam | None = None, cache_dir: str = DEFAULT_CACHE,
             pipeline: str = PIPELINE, dtype: str | DType | None = None, workers: int = 1,
-            bucket_mb: float = DEFAULT_BUCKET_MB) -> CompiledModel:
-    """Trace, differentiate, optimise and generate the kernels of ``model`` for the CPU.
+            bucket_mb: float = DEFAULT_BUCKET_MB, target: str = "cpu") -> CompiledModel:
+    """Trace, differentiate, optimise and generate the kernels of ``model`` for ``target``:
+    ``cpu`` (Numba CPU), ``cuda`` (Numba CUDA on a GPU) or ``cudasim`` (the CUDA kernels in
+    Numba's simulator, with ``NUMBA_ENABLE_CUDASIM=1``).
 
     ``dtype`` (``"f32"``, ``"f64"`` or a DType; default: the model's own, f32) is the precision
     every float computes in: with ``"f64"`` the inputs, targets, learning rate, weights and every
@@ -171,16 +173,22 @@ def compile(model: Model, optimizer: SGD | Adam | None = None, cache_dir: str = 
     def signature(spec: Mapping[str, TensorType]) -> dict[str, TensorType]:
         return {k: t.with_dtype(dt) if dt is not None and t.dtype.is_float else t for k, t in spec.items()}
 
+    from gradfuse.codegen.targets import target as known_target
+
+    known_target(target)  # an unknown name, in words, before any work
+    if target != "cpu":  # fusion and the memory plan ask the target's GEMM what it can take
+        pipeline = ",".join(f"{p}(target={target!r})" if p in ("fuse", "memory-plan") else p
+                            for p in pipeline.split(","))
     traced = model.trace()
     forward = cached_pipeline(precise(traced), pipeline, cache_dir)
-    predict = Program.compile(forward, cache_dir)
+    predict = Program.compile(forward, cache_dir, target)
     weights = {k: np.ascontiguousarray(v) for k, v in model.initial_values(dt).items()}
     train = None
     optimizer = optimizer or SGD()
     if model.loss is not None:  # the passes from the loss graph: autodiff, the optimizer, then the pipeline
         step_graph = cached_pipeline(precise(model.trace(train=True, with_loss=True)),
                                      f"{training_passes(optimizer, workers, bucket_mb)},{pipeline}", cache_dir)
-        train = Program.compile(step_graph, cache_dir)
+        train = Program.compile(step_graph, cache_dir, target)
         _add_missing_state(step_graph, weights)  # optimizer state (momentum, moments, step) starts at zero
     _add_missing_state(forward, weights)
     loss = precise(trace_loss(model, traced.outputs[0].type)) if model.loss is not None else None

@@ -128,13 +128,12 @@ class RowsCheck:
 @dataclass(frozen=True)
 class RowStat:
     """A statistic of one row: ``combine`` (``sum`` or ``max``) of ``element`` over the row's
-    elements, from ``identity`` (an expression; '' for the combine's own: 0 or -inf), then
+    elements (from the combine's identity: a parallel backend starts every thread there), then
     ``finish`` (an expression of the accumulated value ``{acc}``; '' to keep it)."""
 
     name: str
     combine: str
     element: str
-    identity: str = ""
     finish: str = ""
 
 

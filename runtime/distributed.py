@@ -250,6 +250,17 @@ def start(bucket: int, outs: tuple, ins: tuple, ranks: int) -> None:
     w.start(bucket, outs, ins, ranks)
 
 
+def allreduce_now(a: np.ndarray, ranks: int) -> np.ndarray:
+    """The sum over the ranks of ``a``, at once: a device backend's all-reduce, through host
+    memory (one process: ``ranks`` replicas of the same value, as the reference means it)."""
+    w = _WORLD if _WORLD is not None and _WORLD.size > 1 and not _ALONE[0] else None
+    if w is None:
+        return a * a.dtype.type(ranks)
+    if ranks != w.size:
+        raise RankError(f"rank {w.rank}: the program was compiled for {ranks} ranks, this run has {w.size}")
+    return w.allreduce(a, "a gradient")
+
+
 def progress() -> None:
     if _WORLD is not None and _WORLD._pending:
         _WORLD.progress()

@@ -78,6 +78,7 @@ class Program:
                     seen.setdefault(d, (i, axis))
         self._symbol_sources = [(d, i, axis) for d, (i, axis) in seen.items()]
         self._compiled_step = None  # checked_step under its signature, once compiled; False if it cannot be
+        self._written = [kind is not ArgKind.input for kind, _ in self.graph.args]  # what a step may update
 
     @classmethod
     def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, target: str = "cpu") -> Program:
@@ -170,7 +171,7 @@ class Program:
         """The memory plan for these batch sizes, in the program's own schedule."""
         from gradfuse.passes.memory import plan_memory
 
-        return plan_memory(self.graph, sizes=sizes, reorder=False)
+        return plan_memory(self.graph, sizes=sizes, reorder=False, target=self.backend.target.name)
 
     def buffers(self, sizes: dict[str, int]) -> list[np.ndarray | int]:
         """Storage for every buffer of the schedule at these batch sizes: views into one arena
@@ -217,7 +218,8 @@ class Program:
         for at, arg, shape in launch.in_place:
             bufs[at] = arrays[arg].reshape(shape)
         before = {arg: arrays[arg].copy() for arg in launch.updated_outputs}  # returned as they came in
-        if step(*arrays, *bufs):
+        call = getattr(self.backend, "call", None)  # a device backend moves the arrays across
+        if (call(step, arrays, bufs, self._written) if call else step(*arrays, *bufs)):
             return None  # checked_step found a wrong shape and ran nothing
         return [bufs[at] if at is not None else before[arg] if arg in before else arrays[arg].copy()
                 for at, arg in launch.outputs]

@@ -5,6 +5,10 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# the CUDA simulator's tests run in a pytest process of their own (scripts/test.sh): the variable
+# must be set before numba.cuda is imported, and it changes what numba.cuda is for everything else
+collect_ignore = [] if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" else ["cudasim"]
 EXAMPLES = os.path.join(ROOT, "examples")
 
 

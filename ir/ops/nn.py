@@ -135,7 +135,7 @@ def xent_grad_ref(logits, labels, g):
 # (>= 0 anyway) is an intrinsic fastmath's reassociation does not see through: without it LLVM
 # summed ``acc + m - x[label] + ...`` in an order that rounds at m again (6e-2 relative).
 _XENT_ROWS = RowProgram(
-    (_MAX, RowStat("more", "sum", "{F}({x} - {max} == {F}(0.0))", identity="{F}(-1.0)"),
+    (_MAX, RowStat("more", "sum", "{F}({x} - {max} == {F}(0.0))", finish="{acc} - {F}(1.0)"),
      RowStat("below", "sum", "fast_exp_{F}({x} - {max}) * {F}({x} - {max} != {F}(0.0))")),
     lets=(("label", "{in1}"),), out="abs({max} - {x@label}) + math.log1p({more} + {below})", result="scalar",
     provides=(("sumexp", "({more} + {F}(1.0)) + {below}"),))

@@ -1,0 +1,106 @@
+"""The CUDA backend in Numba's simulator: every op of the op table against the reference
+interpreter, through the same loop nests as the CPU, printed as CUDA kernels (run with
+``NUMBA_ENABLE_CUDASIM=1``, in a pytest process of its own: see tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from strategies import mixed_graphs, random_feeds, run_both
+from test_codegen_cpu import TABLE, assert_matches, scenario_feeds, scenarios_graph, table_feeds, table_graph
+from test_codegen_random import assert_close
+
+from gradfuse.passes.fusion import fuse
+from gradfuse.runtime.program import Program
+
+assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", "run these with NUMBA_ENABLE_CUDASIM=1 (scripts/test.sh does)"
+
+SIZES = (1, 3)
+# the counter hash multiplies int64s that wrap on the device; the simulator's numpy says so
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in scalar multiply:RuntimeWarning")
+
+
+@pytest.fixture(scope="module")
+def sim_table(tmp_path_factory):
+    g, outputs = table_graph()
+    prog = Program.compile(g, str(tmp_path_factory.mktemp("kernels")), target="cudasim")
+    values = {}
+    for n in SIZES:
+        ref, got, _ = run_both(g, prog, table_feeds(n))
+        values[n] = {v: (want, out) for v, want, out in zip(g.outputs, ref.outputs, got, strict=True)}
+    return outputs, values
+
+
+@pytest.mark.parametrize(("op", "index"), [(op, i) for op, i, _ in TABLE], ids=lambda x: str(x))
+def test_cuda_lowering_matches_the_interpreter(sim_table, op, index):
+    outputs, values = sim_table
+    for n in SIZES:
+        for v in outputs[op, index]:
+            want, got = values[n][v]
+            assert_matches(np.asarray(got), want, op, f"{op} case {index} at N={n} on cudasim: %{v.name}")
+
+
+# ---- fused kernels: prologues, epilogues, row kernels sharing rows ---------------------------------
+@pytest.fixture(scope="module")
+def sim_scenarios(tmp_path_factory):
+    unfused, outputs = scenarios_graph()
+    g, _ = fuse(unfused, batch=256, target="cudasim")
+    prog = Program.compile(g, str(tmp_path_factory.mktemp("kernels")), target="cudasim")
+    values = {}
+    for n in SIZES:
+        ref, got, _ = run_both(g, prog, scenario_feeds(g, n))
+        values[n] = list(zip(g.outputs, ref.outputs, got, strict=True))
+    return values
+
+
+def test_fused_scenarios_match_the_interpreter_on_cudasim(sim_scenarios):
+    for n, triples in sim_scenarios.items():
+        for v, want, got in triples:
+            op = v.name.split(".")[-1]
+            assert_matches(np.asarray(got), want, op, f"%{v.name} at N={n} on cudasim")
+
+
+# ---- random fused graphs ------------------------------------------------------------------------
+@settings(max_examples=int(os.environ.get("GRADFUSE_SIM_EXAMPLES", "25")), deadline=None, derandomize=True,
+          database=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+@given(g=mixed_graphs(max_nodes=12), seed=st.integers(0, 2**16))
+def test_random_fused_graphs_on_cudasim_match_the_interpreter(g, seed, tmp_path_factory):
+    fused_graph, _ = fuse(g, batch=3, target="cudasim")
+    prog = Program.compile(fused_graph, str(tmp_path_factory.getbasetemp() / "random"), target="cudasim")
+    for i, bound in enumerate(({"N": 2, "T": 3}, {"N": 1, "T": 1})):
+        feeds = random_feeds(g, seed=seed + i, sizes=bound)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ref, got, args = run_both(g, prog, feeds)
+        for v, want, out in zip(g.outputs, ref.outputs, got, strict=True):
+            assert_close(np.asarray(out), want, f"%{v.name} at {bound} of\n{fused_graph}")
+        for name, want in ref.state.items():
+            assert_close(args[name], want, f"update of %{name} at {bound} of\n{fused_graph}")
+
+
+# ---- training: the digits MLP takes the CPU's steps ---------------------------------------------
+def test_digits_mlp_trains_on_cudasim_as_on_the_cpu(example_model, tmp_path):
+    """Two SGD+momentum steps at batch 4: the losses and the weights of the CUDA kernels (in the
+    simulator) within float32 tolerance of the CPU backend's."""
+    import gradfuse as gf
+
+    model = example_model("digits_mlp")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    y = rng.integers(0, 10, 4).astype(np.int64)
+    runs = {}
+    for target in ("cpu", "cudasim"):
+        compiled = gf.compile(model, gf.SGD(momentum=0.9), cache_dir=str(tmp_path / target), target=target)
+        losses = [float(compiled.train_step(x, y, lr=0.1)) for _ in range(2)]
+        runs[target] = losses, {k: np.copy(v) for k, v in compiled.weights.items()}
+    (cpu_losses, cpu_weights), (sim_losses, sim_weights) = runs["cpu"], runs["cudasim"]
+    np.testing.assert_allclose(sim_losses, cpu_losses, rtol=1e-5)
+    assert cpu_losses[1] < cpu_losses[0]
+    for name, w in cpu_weights.items():
+        np.testing.assert_allclose(sim_weights[name], w, rtol=1e-4, atol=1e-6, err_msg=name)
