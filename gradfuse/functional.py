@@ -231,6 +231,45 @@ def layer_norm(x: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5) -> Ten
     return _emit("layer_norm", x, gamma, beta, eps=eps)
 
 
+def _hw(name: str, value) -> list[int]:
+    """An int or an (height, width) pair, as PyTorch takes ``kernel_size``, ``stride``, ..."""
+    pair = [value, value] if isinstance(value, int) else list(value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
+        raise current().error(f"{name}={value!r} should be an int or a pair of ints (height, width)")
+    return pair
+
+
+def _images(x: Tensor, what: str) -> None:
+    if x.ndim != 4:
+        raise current().error(f"{what} takes NCHW images [N, C, H, W], got {x.type}",
+                              "reshape first, e.g. x.reshape(-1, 1, 8, 8) for 8x8 single-channel images")
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+           groups: int = 1) -> Tensor:
+    """PyTorch's ``conv2d``: x [N, C, H, W], weight [O, C/groups, KH, KW], bias [O]."""
+    _images(x, "conv2d")
+    y = _emit("conv2d", x, weight, stride=_hw("stride", stride), padding=_hw("padding", padding),
+              dilation=_hw("dilation", dilation), groups=groups)
+    return y + reshape(bias, bias.shape[0], 1, 1) if bias is not None else y
+
+
+def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
+    """The maximum of each window (stride defaults to the kernel size, as PyTorch's)."""
+    _images(x, "max_pool2d")
+    kernel = _hw("kernel_size", kernel_size)
+    return _emit("max_pool2d", x, kernel=kernel, stride=kernel if stride is None else _hw("stride", stride),
+                 padding=_hw("padding", padding))
+
+
+def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0, count_include_pad: bool = True) -> Tensor:
+    """The mean of each window (padding counts in the divisor unless ``count_include_pad=False``)."""
+    _images(x, "avg_pool2d")
+    kernel = _hw("kernel_size", kernel_size)
+    return _emit("avg_pool2d", x, kernel=kernel, stride=kernel if stride is None else _hw("stride", stride),
+                 padding=_hw("padding", padding), count_include_pad=count_include_pad)
+
+
 def embedding(ids: Tensor, table: Tensor) -> Tensor:
     return _emit("embedding", table, ids)
 
