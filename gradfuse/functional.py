@@ -246,12 +246,34 @@ def _images(x: Tensor, what: str) -> None:
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
-           groups: int = 1) -> Tensor:
-    """PyTorch's ``conv2d``: x [N, C, H, W], weight [O, C/groups, KH, KW], bias [O]."""
+           groups: int = 1, method: str = "auto") -> Tensor:
+    """PyTorch's ``conv2d``: x [N, C, H, W], weight [O, C/groups, KH, KW], bias [O].
+
+    ``method``: ``"gemm"`` writes it as im2col (the windows as rows [N, OH·OW, C·KH·KW]), one GEMM
+    with the weight as [O, C·KH·KW] and a transpose to NCHW (where the bias and an activation
+    fuse); its backward is two GEMMs and col2im, from those ops' own rules. ``"direct"`` is the
+    conv2d op, one loop nest (and its backward ops). ``"auto"``: gemm without groups (the digits
+    CNN's training step measured 5x faster so), direct with them."""
     _images(x, "conv2d")
-    y = _emit("conv2d", x, weight, stride=_hw("stride", stride), padding=_hw("padding", padding),
-              dilation=_hw("dilation", dilation), groups=groups)
+    attrs = {"stride": _hw("stride", stride), "padding": _hw("padding", padding), "dilation": _hw("dilation", dilation)}
+    if method not in ("auto", "gemm", "direct"):
+        raise current().error(f"conv2d: method={method!r} should be 'auto', 'gemm' or 'direct'")
+    if method == "gemm" and groups != 1:
+        raise current().error(f"conv2d: method='gemm' takes groups=1, got groups={groups}", "use method='direct'")
+    if method == "direct" or groups != 1 or weight.ndim != 4 or weight.shape[1] != x.shape[1]:
+        y = _emit("conv2d", x, weight, groups=groups, **attrs)  # (its shape rule explains a mismatch)
+    else:
+        o, c, kh, kw = weight.shape
+        cols = _emit("im2col", x, kernel=[kh, kw], **attrs)
+        rows = matmul(cols, reshape(weight, o, c * kh * kw), transpose_b=True)  # [N, OH·OW, O]
+        oh, ow = (_conv_size(x.shape[2 + a], (kh, kw)[a], *(attrs[k][a] for k in ("stride", "padding", "dilation")))
+                  for a in range(2))
+        y = transpose(reshape(rows, x.shape[0], oh, ow, o), 0, 3, 1, 2)
     return y + reshape(bias, bias.shape[0], 1, 1) if bias is not None else y
+
+
+def _conv_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:

@@ -395,13 +395,14 @@ class Conv2d(Module):
     the same names and layout as PyTorch's state_dict."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True):
+                 groups: int = 1, bias: bool = True, method: str = "auto"):
         if groups < 1 or in_channels % groups or out_channels % groups:
             raise ValueError(f"Conv2d: groups={groups} must divide in_channels={in_channels} and "
                              f"out_channels={out_channels}")
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.method = method  # functional.conv2d's: "auto", "gemm" (im2col + GEMM) or "direct" (one loop nest)
         fan_in = in_channels // groups * kh * kw
         self.weight = Parameter((out_channels, in_channels // groups, kh, kw), he_normal(fan_in))
         self.use_bias = bias
@@ -424,7 +425,7 @@ class Conv2d(Module):
             raise current().error(f"{self!r} got {x.type} with {x.shape[1]} channels, expected {self.in_channels}",
                                   "the previous layer's out_channels must be this layer's in_channels")
         return F.conv2d(x, self.weight, self.bias if self.use_bias else None, self.stride, self.padding,
-                        self.dilation, self.groups)
+                        self.dilation, self.groups, self.method)
 
 
 class MaxPool2d(Module):

@@ -309,6 +309,14 @@ CASES: dict[str, list[OpCase]] = {
         case("f32[N,4,7,6]", "f32[N,6,4,3]", stride=[2, 2], padding=[1, 1], groups=2, kernel=[3, 3]),
         case("f64[N,2,6,6]", "f64[N,4,6,4]", dilation=[2, 2], groups=2, padding=[1, 0], kernel=[2, 2]),
     ],
+    "im2col": [
+        case("f32[N,3,5,6]", kernel=[3, 3]),
+        case("f64[N,2,7,6]", kernel=[3, 2], stride=[2, 2], padding=[1, 1], dilation=[1, 2]),
+    ],
+    "col2im": [
+        case("f32[N,12,27]", kernel=[3, 3], size=[3, 5, 6]),
+        case("f64[N,12,12]", kernel=[3, 2], stride=[2, 2], padding=[1, 1], dilation=[1, 2], size=[2, 7, 6]),
+    ],
     "max_pool2d": [
         case("f32[N,3,6,6]", gen=per_operand(distinct_array), kernel=[2, 2], stride=[2, 2]),
         case("f64[N,2,5,7]", gen=per_operand(distinct_array), kernel=[3, 3], stride=[2, 1], padding=[1, 1]),

@@ -425,6 +425,100 @@ def _avg_pool_grad_nest(b, n):
                             add=True)
 
 
+# ---- im2col / col2im: a convolution as one GEMM ----------------------------------------------
+_WINDOW_ATTRS = {"kernel": Attr("ints"), **_PAIR}
+
+
+def _im2col_infer(x: TensorType, *, kernel, stride, padding, dilation) -> TensorType:
+    _image("im2col", "input", x)
+    _pairs("im2col", kernel=kernel, stride=stride, padding=padding, dilation=dilation)
+    oh, ow = _spatial("im2col", x, kernel, stride, padding, dilation)
+    return TensorType(x.dtype, (x.shape[0], oh * ow, x.shape[1] * kernel[0] * kernel[1]))
+
+
+def _col2im_infer(g: TensorType, *, kernel, stride, padding, dilation, size) -> TensorType:
+    require_rank("col2im", "columns", g, 3, hint="columns are [N, OH·OW, C·KH·KW] (im2col's result)")
+    same_dtype("col2im", g, allowed=FLOATS)
+    k = kernel[0] * kernel[1] if len(kernel) == 2 else 0
+    if len(size) != 3 or not k or isinstance(g.shape[2], str) or g.shape[2] % k:
+        raise ShapeError(f"col2im: columns {g} do not fit kernel {list(kernel)} and size {list(size)} (C, H, W)")
+    x = TensorType(g.dtype, (g.shape[0], *size))
+    if _im2col_infer(x, kernel=kernel, stride=stride, padding=padding, dilation=dilation) != g:
+        raise ShapeError(f"col2im: columns {g} are not im2col's of {x}")
+    return x
+
+
+def im2col_ref(x, *, kernel, stride, padding, dilation):
+    out = [out_size(x.shape[2 + a], kernel[a], stride[a], padding[a], dilation[a]) for a in range(2)]
+    win = _windows(_pad(x, padding), kernel, stride, dilation, out)  # [N, C, KH, KW, OH, OW]
+    return np.ascontiguousarray(win.transpose(0, 4, 5, 1, 2, 3)).reshape(x.shape[0], out[0] * out[1], -1)
+
+
+def col2im_ref(g, *, kernel, stride, padding, dilation, size):
+    c, h, w = size
+    out = [out_size((h, w)[a], kernel[a], stride[a], padding[a], dilation[a]) for a in range(2)]
+    cols = g.astype(np.float64).reshape(g.shape[0], *out, c, *kernel)
+    ph, pw = padding
+    dxp = np.zeros((g.shape[0], c, h + 2 * ph, w + 2 * pw))
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            h0, w0 = i * dilation[0], j * dilation[1]
+            dxp[:, :, h0:h0 + stride[0] * (out[0] - 1) + 1:stride[0], w0:w0 + stride[1] * (out[1] - 1) + 1:stride[1]] \
+                += cols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(dxp[:, :, ph:ph + h, pw:pw + w]).astype(g.dtype)
+
+
+def _im2col_nest(b, n):
+    (x,), cols, a = n.inputs, n.outputs[0], n.attrs
+    (kh_, kw_), c_all = a["kernel"], x.type.shape[1]
+    oh_, ow_ = (out_size(x.type.shape[2 + i], a["kernel"][i], a["stride"][i], a["padding"][i], a["dilation"][i])
+                for i in range(2))
+    src = _padded(b, x, a["padding"])
+    with b.loop([x.type.shape[0], oh_, ow_]) as (i_n, oh, ow):
+        with b.loop([c_all, kh_, kw_], names="k") as (c, kh, kw):
+            v = b.load(src, _tap(b, i_n, c, oh, ow, kh, kw, a), "xv")
+            b.store(cols, [i_n, b.at(ow, 1, f"{oh} * {ow_}"), b.at(kw, 1, f"{c} * {kh_ * kw_} + {kh} * {kw_}")], v)
+
+
+def _col2im_nest(b, n):
+    """Scatter: each column element added into the (padded) pixel im2col read it from."""
+    (g,), dx, a = n.inputs, n.outputs[0], n.attrs
+    (kh_, kw_), (ph, pw) = a["kernel"], a["padding"]
+    nb, c_all, h, w = dx.type.shape
+    oh_, ow_ = (out_size((h, w)[i], a["kernel"][i], a["stride"][i], a["padding"][i], a["dilation"][i])
+                for i in range(2))
+    if ph or pw:
+        dst = b.scratch([nb, c_all, h + 2 * ph, w + 2 * pw], dx.type.dtype, f"{b.F}(0.0)", "dxpad")
+    else:
+        b.fill(dx, f"{b.F}(0.0)")
+        dst = dx
+    with b.loop([nb]) as (i_n,):
+        with b.loop([oh_, ow_, c_all, kh_, kw_], independent=False, names="o") as (oh, ow, c, kh, kw):
+            v = b.load(g, [i_n, b.at(ow, 1, f"{oh} * {ow_}"), b.at(kw, 1, f"{c} * {kh_ * kw_} + {kh} * {kw_}")], "gv")
+            b.store(dst, _tap(b, i_n, c, oh, ow, kh, kw, a), v, add=True)
+    if dst is not dx:
+        with b.loop(dx.type.shape) as i:
+            b.store(dx, i, b.load(dst, [i[0], i[1], b.at(i[2], 1, ph), b.at(i[3], 1, pw)]))
+
+
+def _window_attrs(ctx) -> dict:
+    return {k: ctx.attrs[k] for k in _WINDOW_ATTRS}
+
+
+register(OpDef("im2col", "structured", _im2col_infer, im2col_ref, arity=1, attrs=_WINDOW_ATTRS,
+               doc="the windows of NCHW images as rows: [N, OH·OW, C·KH·KW] (zero padding), so that a "
+                   "convolution is one GEMM with the weight reshaped to [O, C·KH·KW]",
+               vjp=lambda ctx, g: [ctx.emit("col2im", g, rule="each window element's gradient added back to "
+                                            "its pixel", size=list(ctx.inputs[0].type.shape[1:]),
+                                            **_window_attrs(ctx))],
+               role="layout", lowering={"nest": _im2col_nest}))
+register(OpDef("col2im", "structured", _col2im_infer, col2im_ref, arity=1,
+               attrs={**_WINDOW_ATTRS, "size": Attr("ints")},
+               doc="the transpose of im2col: columns summed back into [N, C, H, W] images; size: (C, H, W)",
+               vjp=lambda ctx, g: [ctx.emit("im2col", g, rule="the windows of g", **_window_attrs(ctx))],
+               lowering={"nest": _col2im_nest}))
+
+
 # ---- the records -------------------------------------------------------------------------
 register(OpDef("conv2d", "structured", _conv_infer, conv2d_ref, arity=2, attrs=_CONV_ATTRS,
                doc="2-D cross-correlation of NCHW images with OIHW weights (PyTorch's conv2d without bias)",
