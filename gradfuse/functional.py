@@ -10,6 +10,8 @@ import builtins
 import math
 from collections.abc import Sequence
 
+from gradfuse.errors import ShapeError
+from gradfuse.ir.registry import get_op
 from gradfuse.ir.types import DType
 from gradfuse.tensor import Tensor
 from gradfuse.tracing import current
@@ -263,6 +265,10 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padd
     if method == "direct" or groups != 1 or weight.ndim != 4 or weight.shape[1] != x.shape[1]:
         y = _emit("conv2d", x, weight, groups=groups, **attrs)  # (its shape rule explains a mismatch)
     else:
+        try:  # conv2d's shape rule, so that a mismatch is explained in conv2d's terms
+            get_op("conv2d").infer(x.type, weight.type, groups=groups, **attrs)
+        except ShapeError as e:
+            raise e.located(current().where()) from None
         o, c, kh, kw = weight.shape
         cols = _emit("im2col", x, kernel=[kh, kw], **attrs)
         rows = matmul(cols, reshape(weight, o, c * kh * kw), transpose_b=True)  # [N, OH·OW, O]
