@@ -38,7 +38,8 @@ gradfuse                           PyTorch
 MultiheadAttention's weights do not depend on ``batch_first``; gradfuse's layer takes [N, T, d]
 as ``batch_first=True`` does. Not modelled (the function differs, whatever the weights): attention
 masks, dropout > 0, ``add_bias_kv`` (its ``bias_k``/``bias_v`` are reported as unexpected),
-BatchNorm1d on [N, C, L] (gradfuse's BatchNorm normalises the last axis; BatchNorm2d axis 1 of NCHW), Embedding's ``padding_idx``/``max_norm``.
+BatchNorm1d on [N, C, L] (gradfuse's BatchNorm normalises the last axis; BatchNorm2d axis 1 of NCHW),
+Embedding's ``padding_idx``/``max_norm``.
 
 The trap: a square ``Linear`` weight ([64, 64]) loaded into gradfuse *without* this mapping has
 the right shape and the wrong layout: it loads silently and computes ``x W`` instead of ``x Wᵀ``.

@@ -316,6 +316,7 @@ CASES: dict[str, list[OpCase]] = {
     "col2im": [
         case("f32[N,12,27]", kernel=[3, 3], size=[3, 5, 6]),
         case("f64[N,12,12]", kernel=[3, 2], stride=[2, 2], padding=[1, 1], dilation=[1, 2], size=[2, 7, 6]),
+        case("f32[N,30,8]", kernel=[2, 2], padding=[1, 1], dilation=[2, 2], size=[2, 5, 6]),
     ],
     "max_pool2d": [
         case("f32[N,3,6,6]", gen=per_operand(distinct_array), kernel=[2, 2], stride=[2, 2]),
@@ -324,6 +325,8 @@ CASES: dict[str, list[OpCase]] = {
     ],
     "max_pool2d_grad": [
         case("f32[N,3,6,6]", "f32[N,3,3,3]", kernel=[2, 2], stride=[2, 2]),
+        case("f32[N,2,5,5]", "f32[N,2,2,2]", kernel=[2, 2], stride=[2, 2]),
+        case("f32[N,2,6,6]", "f32[N,2,3,3]", gen=per_operand(ties_array, None), kernel=[2, 2], stride=[2, 2]),
         case("f64[N,2,5,7]", "f64[N,2,3,7]", kernel=[3, 3], stride=[2, 1], padding=[1, 1]),
         case("f32[N,2,6,6]", "f32[N,2,6,6]", gen=per_operand(ties_array, None), kernel=[3, 3], stride=[1, 1],
              padding=[1, 1]),

@@ -359,30 +359,47 @@ def _max_pool_nest(b, n):
         b.store(y, [i_n, c, oh, ow], m)
 
 
+def _max_pool_pick(b, x, i_n, c, oh, ow, a) -> str:
+    """The window element (kh·KW + kw) PyTorch gives the gradient of window (oh, ow): its max, then
+    the first element equal to it, or the last NaN (max_pool_choice)."""
+    (kh_, kw_) = a["kernel"]
+    k_all = kh_ * kw_
+    with b.loop(a["kernel"], names="k") as (kh, kw):
+        v, _ = _pool_pixel(b, x, i_n, c, oh, ow, kh, kw, a, f"{b.F}(-np.inf)")
+        m = b.accumulate(_MAX, v, name="m")
+    with b.loop(a["kernel"], names="k") as (kh, kw):
+        v, inside = _pool_pixel(b, x, i_n, c, oh, ow, kh, kw, a, f"{b.F}(-np.inf)")
+        k = b.let(f"{kh} * {kw_} + {kw}", "k")
+        inside = "" if inside is None else f"{inside} and "
+        first = b.accumulate("min({a}, {b})", b.let(f"({k} if {inside}{v} == {m} else {k_all})", "hit"),
+                             identity=str(k_all), name="first")
+        nan = b.accumulate("max({a}, {b})", b.let(f"({k} if {inside}{v} != {v} else -1)", "isnan"),
+                           identity="-1", name="last_nan")
+    return b.let(f"({nan} if {m} != {m} else {first})", "pick")
+
+
 def _max_pool_grad_nest(b, n):
-    """Per window: its max, then the element PyTorch gives the gradient (max_pool_choice), then
-    one add into dx; windows overlap when the stride is below the kernel, so they run in order."""
+    """Per window: the element PyTorch gives the gradient (_max_pool_pick), then one add into dx;
+    windows overlap when the stride is below the kernel, so they run in order. Windows that tile
+    the image (stride = kernel, no padding) store each pixel once instead: g or 0."""
     x, g = n.inputs
     dx, a = n.outputs[0], n.attrs
     (kh_, kw_), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
-    k_all = kh_ * kw_
+    (h, w), (oh_, ow_) = x.type.shape[2:], g.type.shape[2:]
+    if (sh, sw) == (kh_, kw_) and not ph and not pw and (h, w) == (oh_ * kh_, ow_ * kw_):
+        with b.loop(g.type.shape) as (i_n, c, oh, ow):
+            k = _max_pool_pick(b, x, i_n, c, oh, ow, a)
+            gv = b.load(g, [i_n, c, oh, ow], "gv")
+            with b.loop(a["kernel"], names="k") as (kh, kw):
+                b.store(dx, [i_n, c, b.at(oh, sh, kh), b.at(ow, sw, kw)],
+                        b.let(f"({gv} if {kh} * {kw_} + {kw} == {k} else {b.F}(0.0))"))
+        return
     b.fill(dx, f"{b.F}(0.0)")
     with b.loop(x.type.shape[:2]) as (i_n, c):
         with b.loop(g.type.shape[2:], independent=False, names="o") as (oh, ow):
-            with b.loop(a["kernel"], names="k") as (kh, kw):
-                v, _ = _pool_pixel(b, x, i_n, c, oh, ow, kh, kw, a, f"{b.F}(-np.inf)")
-                m = b.accumulate(_MAX, v, name="m")
-            with b.loop(a["kernel"], names="k") as (kh, kw):
-                v, inside = _pool_pixel(b, x, i_n, c, oh, ow, kh, kw, a, f"{b.F}(-np.inf)")
-                k = b.let(f"{kh} * {kw_} + {kw}", "k")
-                inside = "" if inside is None else f"{inside} and "
-                first = b.accumulate("min({a}, {b})", b.let(f"({k} if {inside}{v} == {m} else {k_all})", "hit"),
-                                     identity=str(k_all), name="first")
-                nan = b.accumulate("max({a}, {b})", b.let(f"({k} if {inside}{v} != {v} else -1)", "isnan"),
-                                   identity="-1", name="last_nan")
-            k = b.let(f"({nan} if {m} != {m} else {first})", "pick")
-            hc = b.let(f"min(max({oh} * {sh} + {k} // {kw_} - {ph}, 0), {x.type.shape[2] - 1})", "hc")
-            wc = b.let(f"min(max({ow} * {sw} + {k} % {kw_} - {pw}, 0), {x.type.shape[3] - 1})", "wc")
+            k = _max_pool_pick(b, x, i_n, c, oh, ow, a)
+            hc = b.let(f"min(max({oh} * {sh} + {k} // {kw_} - {ph}, 0), {h - 1})", "hc")
+            wc = b.let(f"min(max({ow} * {sw} + {k} % {kw_} - {pw}, 0), {w - 1})", "wc")
             b.store(dx, [i_n, c, b.via(hc), b.via(wc)], b.load(g, [i_n, c, oh, ow], "gv"), add=True)
 
 
@@ -481,12 +498,24 @@ def _im2col_nest(b, n):
 
 
 def _col2im_nest(b, n):
-    """Scatter: each column element added into the (padded) pixel im2col read it from."""
+    """At stride 1, a gather: each pixel sums the column elements that read it (an index clamp
+    and a select where the window position leaves the output), stored once, in parallel.
+    Otherwise a scatter: each column element added into the (padded) pixel im2col read it from."""
     (g,), dx, a = n.inputs, n.outputs[0], n.attrs
-    (kh_, kw_), (ph, pw) = a["kernel"], a["padding"]
+    (kh_, kw_), (ph, pw), (dh, dw) = a["kernel"], a["padding"], a["dilation"]
     nb, c_all, h, w = dx.type.shape
     oh_, ow_ = (out_size((h, w)[i], a["kernel"][i], a["stride"][i], a["padding"][i], a["dilation"][i])
                 for i in range(2))
+    if tuple(a["stride"]) == (1, 1):
+        with b.loop(dx.type.shape) as (i_n, c, y, x):
+            with b.loop(a["kernel"], names="k") as (kh, kw):
+                oh, ow = b.let(f"{y} + {ph} - {kh} * {dh}", "oh"), b.let(f"{x} + {pw} - {kw} * {dw}", "ow")
+                inside = b.let(f"{oh} >= 0 and {oh} < {oh_} and {ow} >= 0 and {ow} < {ow_}", "inside")
+                p = b.let(f"min(max({oh}, 0), {oh_ - 1}) * {ow_} + min(max({ow}, 0), {ow_ - 1})", "p")
+                v = b.load(g, [i_n, b.via(p), b.at(kw, 1, f"{c} * {kh_ * kw_} + {kh} * {kw_}")], "gv")
+                acc = b.accumulate("sum", b.let(f"({v} if {inside} else {b.F}(0.0))", "gs"))
+            b.store(dx, [i_n, c, y, x], acc)
+        return
     if ph or pw:
         dst = b.scratch([nb, c_all, h + 2 * ph, w + 2 * pw], dx.type.dtype, f"{b.F}(0.0)", "dxpad")
     else:
