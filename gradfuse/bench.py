@@ -361,20 +361,21 @@ def _torch_cnn(torch, weights: dict[str, np.ndarray]):
 
 
 def bench_cnn(quick: bool) -> list[Measurement]:
+    with tempfile.TemporaryDirectory(prefix="gradfuse-bench-cnn-") as cache:
+        return _bench_cnn(quick, cache)
+
+
+def _bench_cnn(quick: bool, cache: str) -> list[Measurement]:
     batch, out = 256, []
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 1, 8, 8), dtype=np.float32)
     y = rng.integers(0, 10, batch)
     name = f"cnn (digits CNN: 2 conv3x3, BatchNorm2d, max-pool) train step, batch {batch}"
     steps, compiled = {}, {}
-    cache = tempfile.mkdtemp(prefix="gradfuse-bench-cnn-")  # cold: nothing compiled there yet
+    out += _fresh_process_compiles("cnn", _CNN_COMPILE_SCRIPT)
     for method in ("auto", "direct"):
         label = "gradfuse" if method == "auto" else "gradfuse, direct conv loops"
-        start = time.perf_counter()
         m = compiled[method] = gf.compile(cnn_model(method), gf.SGD(), cache_dir=cache)
-        m.train_step(x, y, lr=1e-3)
-        out.append(Measurement(f"cnn train-step compile, cold (empty cache), conv {method}", "gradfuse",
-                               time.perf_counter() - start, "in process: trace + passes + codegen + JIT + 1st step"))
         steps[label] = lambda m=m: m.train_step(x, y, lr=1e-3)
     torch = _torch()
     if torch is not None:
@@ -399,9 +400,9 @@ def bench_cnn(quick: bool) -> list[Measurement]:
             steps["torch.compile"] = lambda: torch_step(fast)
         except Exception as e:  # noqa: BLE001 - no C++ compiler, ...: say so, measure the rest
             out.append(Measurement(name, "torch.compile", math.nan, f"failed: {type(e).__name__}: {str(e)[:80]}"))
-    if _jax() is None:
-        out.append(Measurement(name, "jax jit", math.nan, "JAX is not installed (pip install -e '.[bench]')"))
     rows = side_by_side(name, steps, 0.3 if quick else 1.0)
+    if _jax() is None:
+        rows.append(Measurement(name, "jax jit", math.nan, "not measured: JAX is not installed (.[bench] has it)"))
     peak, flops = sgemm_peak(), cnn_train_flops(batch)
     reached = flops / rows[0].seconds
     rows.append(Measurement(name, "sgemm peak (numpy, 2048³)", flops / peak,
@@ -422,16 +423,32 @@ print(time.perf_counter() - t)
 """
 
 
-def bench_compile(quick: bool) -> list[Measurement]:
+_CNN_COMPILE_SCRIPT = """
+import time, numpy as np
+t = time.perf_counter()
+import gradfuse as gf
+from gradfuse.bench import cnn_model
+m = gf.compile(cnn_model(), gf.SGD(), cache_dir={cache!r})
+m.train_step(np.zeros((256, 1, 8, 8), np.float32), np.zeros(256, np.int64), lr=0.0)
+print(time.perf_counter() - t)
+"""
+
+
+def _fresh_process_compiles(what: str, script: str) -> list[Measurement]:
+    """Compile + first step in a new process, with an empty kernel cache and then with it on disk."""
     out = []
     with tempfile.TemporaryDirectory() as cache:
-        for label, what in (("cold (empty cache)", "import + trace + passes + codegen + JIT + first step"),
+        for label, note in (("cold (empty cache)", "import + trace + passes + codegen + JIT + first step"),
                             ("warm (cache on disk)", "import + trace + cached IR and kernels + first step")):
-            result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT.format(cache=cache)],
+            result = subprocess.run([sys.executable, "-c", script.format(cache=cache)],
                                     capture_output=True, text=True, check=True)
-            out.append(Measurement(f"mlp train-step compile, {label}", "gradfuse", float(result.stdout.split()[-1]),
-                                   f"new process: {what}"))
+            out.append(Measurement(f"{what} train-step compile, {label}", "gradfuse", float(result.stdout.split()[-1]),
+                                   f"new process: {note}"))
     return out
+
+
+def bench_compile(quick: bool) -> list[Measurement]:
+    return _fresh_process_compiles("mlp", _COMPILE_SCRIPT)
 
 
 def bench_mpi(quick: bool) -> list[Measurement]:
@@ -454,7 +471,8 @@ def render(rows: list[Measurement]) -> str:
         lines.append(bench)
         base = next((m.seconds for m in ms if m.implementation == "gradfuse"), None)
         for m in ms:
-            ratio = f"{m.seconds / base:6.2f}x" if base and m.implementation != "gradfuse" else "       "
+            shown = base and m.implementation != "gradfuse" and not math.isnan(m.seconds)
+            ratio = f"{m.seconds / base:6.2f}x" if shown else "       "
             t = "         - " if math.isnan(m.seconds) else f"{m.seconds * 1e3:10.3f} ms" if m.seconds < 10 else \
                 f"{m.seconds:10.2f} s "
             lines.append(f"  {m.implementation:<36} {t}  {ratio}  {m.note}")
