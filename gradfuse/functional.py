@@ -252,8 +252,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padd
     """PyTorch's ``conv2d``: x [N, C, H, W], weight [O, C/groups, KH, KW], bias [O].
 
     ``method``: ``"gemm"`` writes it as im2col (the windows as rows [N, OH·OW, C·KH·KW]), one GEMM
-    with the weight as [O, C·KH·KW] and a transpose to NCHW (where the bias and an activation
-    fuse); its backward is two GEMMs and col2im, from those ops' own rules. ``"direct"`` is the
+    with the weight as [O, C·KH·KW] (the bias added in its epilogue) and a transpose to NCHW (where
+    an activation fuses); its backward is two GEMMs and col2im, from those ops' own rules. ``"direct"`` is the
     conv2d op, one loop nest (and its backward ops). ``"auto"``: gemm without groups (the digits
     CNN's training step measured 5x faster so), direct with them."""
     _images(x, "conv2d")
@@ -272,9 +272,11 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padd
         o, c, kh, kw = weight.shape
         cols = _emit("im2col", x, kernel=[kh, kw], **attrs)
         rows = matmul(cols, reshape(weight, o, c * kh * kw), transpose_b=True)  # [N, OH·OW, O]
+        if bias is not None:  # along the rows: the GEMM's epilogue, and its gradient a sum over leading axes
+            rows = rows + bias
         oh, ow = (_conv_size(x.shape[2 + a], (kh, kw)[a], *(attrs[k][a] for k in ("stride", "padding", "dilation")))
                   for a in range(2))
-        y = transpose(reshape(rows, x.shape[0], oh, ow, o), 0, 3, 1, 2)
+        return transpose(reshape(rows, x.shape[0], oh, ow, o), 0, 3, 1, 2)
     return y + reshape(bias, bias.shape[0], 1, 1) if bias is not None else y
 
 
