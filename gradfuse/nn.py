@@ -260,8 +260,10 @@ class Softmax(Module):
 
 
 class Flatten(Module):
-    def __init__(self, start: int = 1):
-        self.start = start
+    """Merge the axes from ``start`` (PyTorch's ``start_dim``) on: [N, C, H, W] -> [N, C·H·W]."""
+
+    def __init__(self, start: int = 1, *, start_dim: int | None = None):
+        self.start = start if start_dim is None else start_dim
 
     def forward(self, x):
         return F.flatten(x, self.start)
@@ -302,20 +304,36 @@ class Residual(Module):
 
 
 class LayerNorm(Module):
-    """Normalise over the last axis, then scale (``weight``) and shift (``bias``): PyTorch's
-    ``LayerNorm(features)``, whose state_dict has the same names and layout."""
+    """Normalise over the trailing axes ``normalized_shape`` (an int: the last axis), then scale
+    (``weight``) and shift (``bias``) of that shape: PyTorch's ``LayerNorm(normalized_shape)``,
+    whose state_dict has the same names and layout. Over several axes, the layer_norm op runs on
+    the input with those axes merged (a reshape, which is free)."""
 
-    def __init__(self, features: int, eps: float = 1e-5):
-        self.features, self.eps = features, eps
-        self.weight = Parameter((features,), constant(1.0))
-        self.bias = Parameter((features,), constant(0.0))
+    def __init__(self, normalized_shape: int | tuple[int, ...], eps: float = 1e-5):
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+            raise ValueError(f"LayerNorm: normalized_shape {normalized_shape!r} should be a positive int or "
+                             "a tuple of them")
+        self.normalized_shape, self.eps = shape, eps
+        self.features = math.prod(shape)
+        self.weight = Parameter(shape, constant(1.0))
+        self.bias = Parameter(shape, constant(0.0))
 
     def extra_repr(self) -> str:
-        return str(self.features)
+        return str(self.features) if len(self.normalized_shape) == 1 else str(self.normalized_shape)
 
     def forward(self, x):
-        F.check_input(x, repr(self), last_dim=self.features)
-        return F.layer_norm(x, self.weight, self.bias, self.eps)
+        k = len(self.normalized_shape)
+        if k == 1:
+            F.check_input(x, repr(self), last_dim=self.features)
+            return F.layer_norm(x, self.weight, self.bias, self.eps)
+        if x.ndim <= k or tuple(x.shape[-k:]) != self.normalized_shape:
+            raise current().error(f"{self!r} got {x.type}, expected trailing dimensions {list(self.normalized_shape)}",
+                                  "normalized_shape lists the last axes of the input")
+        lead = list(x.shape[:-k])
+        y = F.layer_norm(x.reshape(*lead, self.features), self.weight.reshape(self.features),
+                         self.bias.reshape(self.features), self.eps)
+        return y.reshape(*lead, *self.normalized_shape)
 
 
 class BatchNorm(Module):
@@ -338,6 +356,10 @@ class BatchNorm(Module):
 
     def forward(self, x):
         F.check_input(x, repr(self), last_dim=self.features)
+        return self._normalize(x)
+
+    def _normalize(self, x):
+        """batch_norm_train (or _infer) over the last axis of ``x``."""
         t = current()
         args = [x.value, self.weight.value, self.bias.value, self.running_mean.value, self.running_var.value]
         if not t.train:
@@ -353,6 +375,83 @@ class BatchNorm(Module):
         ``momentum=None`` cumulative average, which this layer does not have)."""
         src.ignore("num_batches_tracked")
         return super().state_from_pytorch(src)
+
+
+class BatchNorm2d(BatchNorm):
+    """BatchNorm over the channels (axis 1) of NCHW images, with statistics per channel over
+    N, H and W: PyTorch's ``BatchNorm2d(channels)``, same state_dict. Runs the feature-axis
+    batch_norm ops on the input transposed to NHWC (and the result transposed back)."""
+
+    def forward(self, x):
+        if x.ndim != 4 or x.shape[1] != self.features:
+            raise current().error(f"{self!r} got {x.type}, expected NCHW images with {self.features} channels",
+                                  "BatchNorm2d(C) follows a Conv2d(..., C, ...); use BatchNorm for [N, features]")
+        return self._normalize(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+class Conv2d(Module):
+    """PyTorch's ``Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+    bias)`` on NCHW images: weight [out, in/groups, kh, kw] (He-initialised) and bias [out] (zeros),
+    the same names and layout as PyTorch's state_dict."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, method: str = "auto"):
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"Conv2d: groups={groups} must divide in_channels={in_channels} and "
+                             f"out_channels={out_channels}")
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.method = method  # functional.conv2d's: "auto", "gemm" (im2col + GEMM) or "direct" (one loop nest)
+        fan_in = in_channels // groups * kh * kw
+        self.weight = Parameter((out_channels, in_channels // groups, kh, kw), he_normal(fan_in))
+        self.use_bias = bias
+        if bias:
+            self.bias = Parameter((out_channels,), constant(0.0))
+
+    def extra_repr(self) -> str:
+        k = self.kernel_size[0] if self.kernel_size[0] == self.kernel_size[1] else self.kernel_size
+        extra = [f"{name}={v}" for name, v, default in (("stride", self.stride, 1), ("padding", self.padding, 0),
+                                                        ("dilation", self.dilation, 1), ("groups", self.groups, 1))
+                 if v != default]
+        return ", ".join([str(self.in_channels), str(self.out_channels), str(k), *extra]
+                         + ([] if self.use_bias else ["bias=False"]))
+
+    def forward(self, x):
+        if x.ndim != 4:
+            raise current().error(f"{self!r} got {x.type}, expected NCHW images [N, {self.in_channels}, H, W]",
+                                  f"reshape first: x.reshape(-1, {self.in_channels}, H, W)")
+        if x.shape[1] != self.in_channels:
+            raise current().error(f"{self!r} got {x.type} with {x.shape[1]} channels, expected {self.in_channels}",
+                                  "the previous layer's out_channels must be this layer's in_channels")
+        return F.conv2d(x, self.weight, self.bias if self.use_bias else None, self.stride, self.padding,
+                        self.dilation, self.groups, self.method)
+
+
+class MaxPool2d(Module):
+    """PyTorch's ``MaxPool2d(kernel_size, stride=kernel_size, padding=0)``; the gradient goes to the
+    first maximal element of each window, as PyTorch's."""
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    def extra_repr(self) -> str:
+        return f"{self.kernel_size}" + (f", stride={self.stride}" if self.stride is not None else "") + \
+            (f", padding={self.padding}" if self.padding else "")
+
+    def forward(self, x):
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+
+class AvgPool2d(MaxPool2d):
+    """PyTorch's ``AvgPool2d(kernel_size, stride=kernel_size, padding=0, count_include_pad=True)``."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, count_include_pad: bool = True):
+        super().__init__(kernel_size, stride, padding)
+        self.count_include_pad = count_include_pad
+
+    def forward(self, x):
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.count_include_pad)
 
 
 class Dropout(Module):

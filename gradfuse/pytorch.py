@@ -10,7 +10,7 @@
 Names: a gradfuse tensor is named by its attribute path (``blocks.0.fc1.weight``), as PyTorch
 names its state_dict entries, so a gradfuse model whose layers sit under the same attribute names
 as the PyTorch module's (Sequential children are ``0``, ``1``, ... in both) maps name for name.
-Layers without tensors (activations, Dropout, Flatten) only need to keep the Sequential
+Layers without tensors (activations, Dropout, Flatten, pooling) only need to keep the Sequential
 indices aligned: ``nn.ReLU()`` inside a PyTorch Sequential takes an index, so put ``nn.ReLU()`` at
 the same place in gradfuse's.
 
@@ -23,7 +23,11 @@ gradfuse                           PyTorch
 ``Linear(i, o)`` weight [i, o]     ``nn.Linear(i, o)`` weight [o, i]: **transposed**; bias same
 ``BatchNorm(f)``                   ``nn.BatchNorm1d(f)`` on [N, f]: weight, bias, running_mean,
                                    running_var; ``num_batches_tracked`` is ignored
-``LayerNorm(f)``                   ``nn.LayerNorm(f)``: weight, bias
+``LayerNorm(f)``                   ``nn.LayerNorm(f)``: weight, bias (``LayerNorm((C, H, W))``:
+                                   weight and bias [C, H, W], as PyTorch's)
+``Conv2d(i, o, k, ...)``           ``nn.Conv2d(i, o, k, ...)``: weight [o, i/groups, kh, kw], bias [o]:
+                                   the same layout
+``BatchNorm2d(c)``                 ``nn.BatchNorm2d(c)``: as BatchNorm (statistics per channel of NCHW)
 ``Embedding(n, d)``                ``nn.Embedding(n, d)``: weight [n, d]
 ``MultiHeadSelfAttention(d, h)``   ``nn.MultiheadAttention(d, h, batch_first=True)``:
                                    in_proj_weight [3d, d] / in_proj_bias [3d] split into the
@@ -34,7 +38,8 @@ gradfuse                           PyTorch
 MultiheadAttention's weights do not depend on ``batch_first``; gradfuse's layer takes [N, T, d]
 as ``batch_first=True`` does. Not modelled (the function differs, whatever the weights): attention
 masks, dropout > 0, ``add_bias_kv`` (its ``bias_k``/``bias_v`` are reported as unexpected),
-BatchNorm1d on [N, C, L] (gradfuse normalises the last axis), Embedding's ``padding_idx``/``max_norm``.
+BatchNorm1d on [N, C, L] (gradfuse's BatchNorm normalises the last axis; BatchNorm2d axis 1 of NCHW),
+Embedding's ``padding_idx``/``max_norm``.
 
 The trap: a square ``Linear`` weight ([64, 64]) loaded into gradfuse *without* this mapping has
 the right shape and the wrong layout: it loads silently and computes ``x W`` instead of ``x Wᵀ``.

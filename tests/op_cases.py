@@ -100,6 +100,25 @@ def _step(rng, t, shape):
 _norm_stats = per_operand(None, None, None, None, positive_array)  # x, gamma, beta, mean, var > 0
 
 
+def distinct_array(rng, t, shape):
+    """Values 0.1 apart in random order: every pooling window has one maximal element, well
+    clear of the next (finite differences never cross a tie)."""
+    size = int(np.prod(shape, dtype=np.int64))
+    return (rng.permutation(size).reshape(shape) * 0.1 - 0.05 * size).astype(t.dtype.np)
+
+
+def ties_array(rng, t, shape):
+    """Small integers: pooling windows full of tied maxima (not differentiable there)."""
+    return np.asarray(rng.integers(0, 3, size=shape)).astype(t.dtype.np)
+
+
+def _ties(rng, types, shapes):
+    return per_operand(ties_array)(rng, types, shapes)
+
+
+_ties.ties = True  # test_vjp leaves these out: the maximum is not differentiable at a tie
+
+
 # ---- the table -------------------------------------------------------------------------------
 _BROADCASTING = [
     case("f32[N,4]", "f32[4]"),
@@ -273,6 +292,55 @@ CASES: dict[str, list[OpCase]] = {
     "mean": _reduction_cases(ints=False),
     "max": _reduction_cases(ints=True),
     "count": [case("f32[N,4]", axes=[0]), case("f64[2,N,4]", axes=[1, 2]), case("f32[3]", axes=[])],
+    # images (NCHW): stride, padding, dilation and groups; max-pool ties
+    "conv2d": [
+        case("f32[N,3,5,6]", "f32[4,3,3,3]"),
+        case("f32[N,4,7,6]", "f32[6,2,3,3]", stride=[2, 2], padding=[1, 1], groups=2),
+        case("f64[N,2,6,6]", "f64[4,1,2,2]", dilation=[2, 2], groups=2, padding=[1, 0]),
+        case("f32[2,2,5,5]", "f32[2,2,1,1]", stride=[2, 1]),
+    ],
+    "conv2d_grad_input": [
+        case("f32[N,4,3,4]", "f32[4,3,3,3]", size=[5, 6]),
+        case("f32[N,6,4,3]", "f32[6,2,3,3]", stride=[2, 2], padding=[1, 1], groups=2, size=[7, 6]),
+        case("f64[N,4,6,4]", "f64[4,1,2,2]", dilation=[2, 2], groups=2, padding=[1, 0], size=[6, 6]),
+    ],
+    "conv2d_grad_weight": [
+        case("f32[N,3,5,6]", "f32[N,4,3,4]", kernel=[3, 3]),
+        case("f32[N,4,7,6]", "f32[N,6,4,3]", stride=[2, 2], padding=[1, 1], groups=2, kernel=[3, 3]),
+        case("f64[N,2,6,6]", "f64[N,4,6,4]", dilation=[2, 2], groups=2, padding=[1, 0], kernel=[2, 2]),
+    ],
+    "im2col": [
+        case("f32[N,3,5,6]", kernel=[3, 3]),
+        case("f64[N,2,7,6]", kernel=[3, 2], stride=[2, 2], padding=[1, 1], dilation=[1, 2]),
+    ],
+    "col2im": [
+        case("f32[N,12,27]", kernel=[3, 3], size=[3, 5, 6]),
+        case("f64[N,12,12]", kernel=[3, 2], stride=[2, 2], padding=[1, 1], dilation=[1, 2], size=[2, 7, 6]),
+        case("f32[N,30,8]", kernel=[2, 2], padding=[1, 1], dilation=[2, 2], size=[2, 5, 6]),
+    ],
+    "max_pool2d": [
+        case("f32[N,3,6,6]", gen=per_operand(distinct_array), kernel=[2, 2], stride=[2, 2]),
+        case("f64[N,2,5,7]", gen=per_operand(distinct_array), kernel=[3, 3], stride=[2, 1], padding=[1, 1]),
+        case("f32[N,2,6,6]", gen=_ties, kernel=[3, 3], stride=[1, 1], padding=[1, 1]),
+    ],
+    "max_pool2d_grad": [
+        case("f32[N,3,6,6]", "f32[N,3,3,3]", kernel=[2, 2], stride=[2, 2]),
+        case("f32[N,2,5,5]", "f32[N,2,2,2]", kernel=[2, 2], stride=[2, 2]),
+        case("f32[N,2,6,6]", "f32[N,2,3,3]", gen=per_operand(ties_array, None), kernel=[2, 2], stride=[2, 2]),
+        case("f64[N,2,5,7]", "f64[N,2,3,7]", kernel=[3, 3], stride=[2, 1], padding=[1, 1]),
+        case("f32[N,2,6,6]", "f32[N,2,6,6]", gen=per_operand(ties_array, None), kernel=[3, 3], stride=[1, 1],
+             padding=[1, 1]),
+    ],
+    "avg_pool2d": [
+        case("f32[N,3,6,6]", kernel=[2, 2], stride=[2, 2]),
+        case("f64[N,2,5,7]", kernel=[3, 3], stride=[2, 1], padding=[1, 1]),
+        case("f32[N,2,5,5]", kernel=[3, 3], stride=[2, 2], padding=[1, 1], count_include_pad=False),
+    ],
+    "avg_pool2d_grad": [
+        case("f32[N,3,3,3]", kernel=[2, 2], stride=[2, 2], size=[6, 6]),
+        case("f64[N,2,3,7]", kernel=[3, 3], stride=[2, 1], padding=[1, 1], size=[5, 7]),
+        case("f32[N,2,3,3]", kernel=[3, 3], stride=[2, 2], padding=[1, 1], count_include_pad=False, size=[5, 5]),
+    ],
     # data movement
     "reshape": [
         case("f32[N,4]", shape=["N", 2, 2]),

@@ -12,3 +12,19 @@ def test_training_flops_count_forward_weight_and_input_gradients():
 def test_ratios_are_reference_time_over_gradfuse_time():
     table = render([Measurement("b", "gradfuse", 0.002), Measurement("b", "numpy", 0.005, "note")])
     assert table.splitlines()[2].split()[1:5] == ["5.000", "ms", "2.50x", "note"]
+
+
+def test_cnn_flops_count_the_convolutions_and_the_head():
+    from gradfuse.bench import cnn_train_flops
+
+    # forward at batch 1 (16 channels): conv1 2·64·16·9, conv2 2·16·32·16·9, head 2·128·10;
+    # the backward twice that, less conv1's input gradient
+    forward = 2 * 64 * 16 * 9 + 2 * 16 * 32 * 16 * 9 + 2 * 128 * 10
+    assert cnn_train_flops(1) == 3 * forward - 2 * 64 * 16 * 9
+
+
+def test_a_missing_measurement_renders_without_a_ratio():
+    import math
+
+    table = render([Measurement("b", "gradfuse", 0.002), Measurement("b", "jax jit", math.nan, "not installed")])
+    assert table.splitlines()[2].split() == ["jax", "jit", "-", "not", "installed"]

@@ -1,3 +1,3 @@
 """Every op of gradfuse, one record each; importing this package registers them all."""
 
-from . import collective, elementwise, linalg, nn, random, reduction, shape  # noqa: F401
+from . import collective, conv, elementwise, linalg, nn, random, reduction, shape  # noqa: F401
