@@ -267,7 +267,7 @@ def _bind_symbols(body: Writer, g) -> dict[str, str]:
     bound = {}
     for _, v in g.args:
         for axis, d in enumerate(v.type.shape):
-            if isinstance(d, str) and d not in bound:
+            if isinstance(d, str) and "*" not in d and d not in bound:  # a product (N*32) binds nothing
                 body(f"{d} = {arr(v)}.shape[{axis}]")
                 bound[d] = f"{arr(v)}.shape[{axis}]"
     return bound

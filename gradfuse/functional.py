@@ -123,14 +123,23 @@ def reshape(x: Tensor, *shape) -> Tensor:
     if shape.count(-1) > 1:
         raise current().error(f"reshape to {shape}: only one dimension can be -1")
     if -1 in shape:
-        known = [d for d in shape if d != -1]
-        sym_in = [d for d in x.shape if isinstance(d, str)]
-        sym_out = [d for d in known if isinstance(d, str)]
-        rest_in = math.prod(d for d in x.shape if isinstance(d, int))
-        rest_out = math.prod(d for d in known if isinstance(d, int))
-        if sorted(sym_in) != sorted(sym_out) or rest_out == 0 or rest_in % rest_out:
-            raise current().error(f"cannot reshape {x.type} to {shape}")
-        shape[shape.index(-1)] = rest_in // rest_out
+        from collections import Counter
+
+        from gradfuse.ir.types import dim_factors, dim_product
+
+        def factors(dims):
+            syms, k = Counter(), 1
+            for d in dims:
+                s, f = dim_factors(d)
+                syms.update(s)
+                k *= f
+            return syms, k
+
+        (sym_in, rest_in), (sym_out, rest_out) = factors(x.shape), factors(d for d in shape if d != -1)
+        if sym_out - sym_in or rest_out == 0 or rest_in % rest_out:
+            raise current().error(f"cannot reshape {x.type} to {shape}: the element counts cannot match",
+                                  hint="-1 takes what the other dimensions leave, symbols (N) included")
+        shape[shape.index(-1)] = dim_product((sym_in - sym_out).elements(), rest_in // rest_out)
     return _emit("reshape", x, shape=shape)
 
 

@@ -67,6 +67,9 @@ class Program:
         self._fast_signature = [
             (v.name, dtype, len(shape), shape, None if any(isinstance(d, str) for d in shape) else tuple(shape),
              kind is not ArgKind.input) for kind, v, dtype, shape in self._signature]
+        # an argument with a product dimension (N*32, a loss graph's flattened prediction) is checked
+        # after the plain symbols are bound, on the checked path
+        self._products = any(isinstance(d, str) and "*" in d for _, v in self.graph.args for d in v.type.shape)
         self._checks = [(n, c) for n in self.graph.nodes for c in get_op(n.op).checks]  # see _check_indices
         self._index_checks = bool(self._checks)
         self._launches: dict[tuple, _Launch] = {}
@@ -74,7 +77,7 @@ class Program:
         seen: dict[str, tuple[int, int]] = {}  # batch symbol -> (argument, axis) it is read from
         for i, (_, v) in enumerate(self.graph.args):
             for axis, d in enumerate(v.type.shape):
-                if isinstance(d, str):
+                if isinstance(d, str) and "*" not in d:
                     seen.setdefault(d, (i, axis))
         self._symbol_sources = [(d, i, axis) for d, (i, axis) in seen.items()]
         self._compiled_step = None  # checked_step under its signature, once compiled; False if it cannot be
@@ -106,7 +109,7 @@ class Program:
         try:  # fast path: every feed already an array of the right dtype, shape and layout
             for name, dtype, ndim, shape, fixed, written in self._fast_signature:
                 a = feeds[name]
-                if (a.__class__ is not np.ndarray or a.dtype != dtype or a.ndim != ndim
+                if (self._products or a.__class__ is not np.ndarray or a.dtype != dtype or a.ndim != ndim
                         or not a.flags.c_contiguous or (written and not a.flags.writeable)):
                     raise _SlowPath
                 if fixed is None:
@@ -141,6 +144,8 @@ class Program:
             if a.ndim != len(shape):
                 raise InputError(f"%{v.name} ({kind.value}) expects {v.type}, got shape {list(a.shape)}")
             for want, got in zip(shape, a.shape, strict=True):
+                if want.__class__ is str and "*" in want:
+                    continue  # a product: checked below, once its symbols are bound
                 if want.__class__ is str:
                     if got == 0:
                         raise InputError(f"%{v.name}: the batch is empty (shape {list(a.shape)})")
@@ -155,6 +160,10 @@ class Program:
             if kind is not ArgKind.input and not a.flags.writeable:
                 raise InputError(f"%{v.name} is read-only, but the step updates it in place")
             arrays.append(a)
+        if self._products:
+            for (kind, v, _, _), a in zip(self._signature, arrays, strict=True):
+                if v.type.concrete(sizes) != a.shape:
+                    raise InputError(f"%{v.name} ({kind.value}) expects {v.type}, got shape {list(a.shape)}")
         if self._index_checks:
             self._check_indices(dict(zip((v.name for _, v in g.args), arrays, strict=True)), sizes)
         return sizes, arrays

@@ -109,3 +109,42 @@ def test_bad_masks_are_one_line_errors():
     with pytest.raises(GradfuseError, match="do not match"):
         gf.trace(Fn(lambda q, k: F.scaled_dot_product_attention(q, k, q, causal=True)),
                  inputs={"q": "f32[N,3,4]", "k": "f32[N,5,4]"})
+
+
+# ---- reshape with -1 over symbolic dimensions ------------------------------------------------
+def test_reshape_minus_one_over_the_batch_makes_a_product_dimension():
+    from gradfuse.ir.parser import parse_graph
+
+    g = gf.trace(Fn(lambda x: F.relu(x.reshape(-1, 94)).reshape(-1, 32, 94)), inputs={"x": "f32[N,32,94]"})
+    assert [str(v.type) for v in g.values()][1:] == ["f32[N*32,94]", "f32[N*32,94]", "f32[N,32,94]"]
+    assert str(parse_graph(str(g))) == str(g)  # prints and parses back
+    x = randn((3, 32, 94))
+    np.testing.assert_allclose(gf.interpret(g, {"x": x}).outputs[0], np.maximum(x, 0))
+    assert gf.ir.types.as_type("f32[32*N,4]").shape == ("N*32", 4)  # canonical: symbols, then the int
+
+
+def test_flattened_logits_train_with_cross_entropy():
+    """The language-model idiom: logits [N, T, V] -> [N*T, V] against labels [N, T] -> [N*T]."""
+
+    class LM(nn.Module):
+        def __init__(self):
+            self.embed, self.head = nn.Embedding(7, 8), nn.Linear(8, 7)
+
+        def forward(self, ids):
+            return self.head(self.embed(ids)).reshape(-1, 7)
+
+    model = gf.Model(LM(), inputs={"x": "i64[N,5]"}, targets={"y": "i64[N,5]"},
+                     loss=lambda logits, y: F.cross_entropy(logits, y.reshape(-1)))
+    compiled = gf.compile(model, gf.SGD())
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 7, (4, 5))
+    assert compiled.predict(x).shape == (20, 7)
+    losses = [compiled.train_step(x, (x + 1) % 7, lr=0.5) for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_reshape_errors_stay_one_line():
+    with pytest.raises(GradfuseError, match=r"cannot reshape f32\[N,3\] to \[-1, 4\]"):
+        gf.trace(Fn(lambda x: x.reshape(-1, 4)), inputs={"x": "f32[N,3]"})
+    with pytest.raises(GradfuseError, match="product dimension"):
+        gf.trace(Fn(lambda x: x), inputs={"x": "f32[N*2,3]"})
