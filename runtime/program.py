@@ -53,6 +53,7 @@ class Program:
     path: str
     module: object
     compile_seconds: float = 0.0
+    kernel_counts: tuple[int, int] = (0, 0)  # (kernels compiled, kernels sharing another's code)
     in_place: frozenset[str] = frozenset()  # updated arguments the kernels write directly (no copy)
     one_dispatch: bool = False  # run through checked_step compiled with a signature (see _run_compiled)
     backend: object = field(default_factory=get_backend)  # prints, loads and names (codegen/targets.py)
@@ -93,6 +94,8 @@ class Program:
         module, path = backend.load(source, cache_dir, graph.name)
         prog = cls(graph, kernels, source, path, module, in_place=in_place, backend=backend)
         prog.compile_seconds = time.perf_counter() - start
+        counts = getattr(backend, "kernel_counts", None)
+        prog.kernel_counts = counts(source) if counts else (len(kernels.kernels), 0)
         return prog
 
     @property
