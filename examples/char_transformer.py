@@ -2,7 +2,7 @@
 blocks of causal multi-head self-attention and a GELU MLP with residuals, trained to predict the
 next character of the help topics that ship with Python (``pydoc_data``, 465 KB).
 
-    python examples/char_transformer.py                   # trains ~5 minutes, reports, samples, writes out/char_transformer
+    python examples/char_transformer.py        # trains ~5 minutes, reports, samples, writes out/char_transformer
     python examples/char_transformer.py --minutes 1 --layers 1
     python examples/char_transformer.py sample out/char_transformer --prompt "The with statement"
     gradfuse train examples/char_transformer.py --optimizer adam --lr 0.002 --batch-size 32 --epochs 1 -o out/ct

@@ -465,7 +465,8 @@ def bench_mpi(quick: bool) -> list[Measurement]:
     return run(quick)
 
 
-BENCHMARKS = {"mlp": bench_mlp, "transformer": bench_transformer, "gelu-layernorm": bench_gelu_layernorm, "compile": bench_compile, "mpi": bench_mpi}
+BENCHMARKS = {"mlp": bench_mlp, "transformer": bench_transformer, "gelu-layernorm": bench_gelu_layernorm,
+              "compile": bench_compile, "mpi": bench_mpi}
 
 
 def render(rows: list[Measurement]) -> str:
