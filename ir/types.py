@@ -95,6 +95,16 @@ def dim_product(symbols, k: int) -> Dim:
     return "*".join(syms + ([str(k)] if k != 1 else []))
 
 
+def dims_product(dims) -> Dim:
+    """The dimension of the product of ``dims``: [N, 32] -> "N*32", [4, 8] -> 32."""
+    syms, k = [], 1
+    for d in dims:
+        s, f = dim_factors(d)
+        syms += s
+        k *= f
+    return dim_product(syms, k)
+
+
 def dim_value(d: Dim, bindings) -> int:
     """The size of a dimension with its symbols bound."""
     if isinstance(d, int):

@@ -148,3 +148,37 @@ def test_reshape_errors_stay_one_line():
         gf.trace(Fn(lambda x: x.reshape(-1, 4)), inputs={"x": "f32[N,3]"})
     with pytest.raises(GradfuseError, match="product dimension"):
         gf.trace(Fn(lambda x: x), inputs={"x": "f32[N*2,3]"})
+
+
+# ---- the backward of one head, as a student reads it ----------------------------------------
+class OneHead(nn.Module):
+    def __init__(self):
+        self.attn = nn.MultiHeadSelfAttention(8, 1, causal=True)
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+def one_head_model() -> gf.Model:
+    return gf.Model(OneHead(), inputs={"x": "f32[N,4,8]"}, targets={"y": "f32[N,4,8]"}, loss=F.mse_loss)
+
+
+def test_one_head_backward_ir_is_golden_and_round_trips(golden):
+    from gradfuse.ir.parser import parse_graph
+    from gradfuse.stages import backward
+
+    text = str(backward(one_head_model()).graph)
+    golden("attention_head.backward.gfir", text)
+    assert str(parse_graph(text)) == text
+
+
+def test_weight_gradients_are_single_gemms_over_the_flattened_batch():
+    """dW of each projection: [N*4, 8]ᵀ·[N*4, 8], one 2-D GEMM, not [N, 8, 8] products summed over N."""
+    from gradfuse.stages import backward
+
+    g = backward(one_head_model()).graph
+    producers = {n.outputs[0].name: n for n in g.nodes}
+    for m in ("q", "k", "v", "out"):
+        n = producers[f"grad.attn.{m}.weight"]
+        assert n.op == "matmul" and [str(v.type) for v in n.inputs] == ["f32[N*4,8]", "f32[N*4,8]"], n
+    assert not any(n.op == "sum" and n.outputs[0].type.shape == (8, 8) for n in g.nodes)
