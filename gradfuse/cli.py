@@ -259,7 +259,7 @@ def cmd_compile(args) -> int:
         "the model's initial values, untrained (train it with `gradfuse train MODEL -o DIR`, or pass --weights)"
     report = artifact.save(compiled, args.output, _stage_texts(model, args))
     print(f"wrote {report.path}: {report.files} files, {report.bytes:,} bytes, in "
-          f"{time.perf_counter() - start:.1f} s")
+          f"{time.perf_counter() - start:.1f} s; {compiled.kernel_report()}")
     print(f"  weights:       {weights}")
     print(f"  run it:        gradfuse run {args.output} --input x.npy --output y.npy   (x.npy: a batch of "
           f"{', '.join(f'{k} {t}' for k, t in compiled.inputs.items())})")

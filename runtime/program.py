@@ -8,6 +8,7 @@ for that batch size, and calls the generated ``step`` function once.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,31 @@ def in_place_updates(graph: Graph, batch: int, target: str = "cpu") -> frozenset
 
     plan = plan_memory(graph, batch=batch, reorder=False, target=target)
     return frozenset(u.arg for u in plan.updates if u.in_place)
+
+
+class CompileProgress:
+    """``[####......] 12/40 kernels`` on stderr while kernels compile, if stderr is a terminal
+    and compiling has taken more than ``after`` seconds; nothing otherwise (logs stay clean)."""
+
+    def __init__(self, total: int, stream=None, after: float = 1.0, width: int = 30):
+        self.total, self.done, self.after, self.width = total, 0, after, width
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start, self.shown = time.perf_counter(), False
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.tty and (self.shown or time.perf_counter() - self.start > self.after):
+            self.shown = True
+            filled = self.width * self.done // max(self.total, 1)
+            self.stream.write(f"\rcompiling [{'#' * filled}{'.' * (self.width - filled)}] "
+                              f"{self.done}/{self.total} kernels")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\r" + " " * (self.width + 40) + "\r")
+            self.stream.flush()
 
 
 class _SlowPath(Exception):
@@ -257,6 +283,39 @@ class Program:
             return self._call(self._compiled_step, launch, arrays)
         except TypeError:  # an argument whose type is not the signature's: nothing ran
             return None
+
+    def distinct_kernels(self) -> list[tuple[object, list]]:
+        """(Numba dispatcher, its argument types) for every function the module compiles: one per
+        distinct kernel code (the layers that share one appear once), parallel ones with their
+        serial twins. The types are those run() passes: C-contiguous arrays, int64 sizes."""
+        from numba import from_dtype, types
+
+        seen, out = set(), []
+        for k in self.kernels.kernels:
+            fn = getattr(self.module, k.name, None)
+            if fn is None or not hasattr(fn, "compile") or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            buffers = dict.fromkeys(k.reads + k.writes)
+            sig = [types.Array(from_dtype(v.type.dtype.np), v.type.rank, "C") for v in buffers]
+            sig += [types.int64] * len(k.symbols)
+            out.append((fn, sig))
+            twin = getattr(self.module, f"{k.name}_serial", None)
+            if twin is not None and id(twin) not in seen:
+                seen.add(id(twin))
+                out.append((twin, sig))
+        return out
+
+    def precompile(self, progress=None) -> None:
+        """Compile (or load from Numba's cache) every distinct kernel now, calling ``progress()``
+        after each: what the first run would do lazily, but countable for a progress bar."""
+        for fn, sig in self.distinct_kernels():
+            try:
+                fn.compile(tuple(sig))
+            except Exception:  # noqa: BLE001 - the first run compiles it lazily instead (and says why)
+                pass
+            if progress is not None:
+                progress()
 
     def compile_checked_step(self) -> None:
         """Compile ``checked_step`` under its signature now (the backend caches it beside the
