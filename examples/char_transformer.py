@@ -5,7 +5,7 @@ next character of the help topics that ship with Python (``pydoc_data``, 465 KB)
     python examples/char_transformer.py        # trains ~5 minutes, reports, samples, writes out/char_transformer
     python examples/char_transformer.py --minutes 1 --layers 1
     python examples/char_transformer.py sample out/char_transformer --prompt "The with statement"
-    gradfuse train examples/char_transformer.py --optimizer adam --lr 0.002 --batch-size 32 --epochs 1 -o out/ct
+    gradfuse train examples/char_transformer.py --optimizer adam --lr 0.004 --batch-size 16 --epochs 1 -o out/ct
 
 The loss is in nats per character; the report sets it beside bits per character and the unigram
 entropy of the text (3.25 nats: what predicting from character frequencies alone gives).
@@ -109,7 +109,7 @@ def sample(compiled, vocabulary: np.ndarray, prompt: str, chars: int = 300, temp
     return "".join(vocabulary[i] for i in ids)
 
 
-def train(minutes: float = 5.0, layers: int = 2, dim: int = 128, heads: int = 4, batch: int = 32, lr: float = 2e-3,
+def train(minutes: float = 5.0, layers: int = 2, dim: int = 128, heads: int = 4, batch: int = 16, lr: float = 4e-3,
           output: str | None = "out/char_transformer", max_steps: int | None = None, quiet: bool = False):
     """Adam with a short warm-up and a cosine decay over the time budget; returns (compiled, report)."""
     say = (lambda *a: None) if quiet else print
@@ -168,8 +168,8 @@ def main(argv=None) -> None:
         q.add_argument("--minutes", type=float, default=5.0)
         q.add_argument("--layers", type=int, default=2)
         q.add_argument("--dim", type=int, default=128)
-        q.add_argument("--batch-size", type=int, default=32)
-        q.add_argument("--lr", type=float, default=2e-3)
+        q.add_argument("--batch-size", type=int, default=16)
+        q.add_argument("--lr", type=float, default=4e-3)
         q.add_argument("-o", "--output", default="out/char_transformer")
     a = p.parse_args(argv)
     if a.command == "sample":
