@@ -582,8 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(run=cmd_train)
 
     bench = sub.add_parser("bench", help="benchmarks beside numpy, PyTorch and JAX (when installed)")
-    bench.add_argument("--only", nargs="*", help="mlp, transformer, gelu-layernorm, compile, mpi (data-parallel at 1 and 2 "
-                                                  "ranks: needs the mpi extra)")
+    bench.add_argument("--only", nargs="*", help="mlp, transformer, gelu-layernorm, compile, mpi (data-parallel "
+                                                  "at 1 and 2 ranks: needs the mpi extra)")
     bench.add_argument("--json", help="also write the measurements to this JSON file")
     bench.add_argument("--quick", action="store_true", help="shorter timing runs")
     bench.set_defaults(run=cmd_bench)
