@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from gradfuse.ir.graph import Node, Value
 from gradfuse.ir.registry import RowProgram, get_op
-from gradfuse.ir.types import DType
+from gradfuse.ir.types import DType, dim_factors
 
 from .kernel_ir import CTOR, CodegenError, Kernel, Loop, float_ctor, float_literal, local_name
 from .scalar_lib import specialise
@@ -112,7 +112,12 @@ def count(dims) -> str:
 
 def size_of(shape, symbols: dict[str, int] | None = None) -> int:
     symbols = symbols or {}
-    return math.prod(symbols.get(d, NOMINAL_BATCH) if isinstance(d, str) else d for d in shape)
+
+    def size(d) -> int:
+        syms, k = dim_factors(d)
+        return k * math.prod(symbols.get(s, NOMINAL_BATCH) for s in syms)
+
+    return math.prod(size(d) for d in shape)
 
 
 def walk(stmts):

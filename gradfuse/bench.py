@@ -423,6 +423,124 @@ print(time.perf_counter() - t)
 """
 
 
+# ---- a pre-LayerNorm transformer block training step ---------------------------------------------
+BLOCK = {"seq": 128, "width": 256, "heads": 4, "hidden": 1024, "batch": 16}
+
+
+class TransformerBlock(nn.Module):
+    """x + MHSA(LN(x)), then h + MLP(LN(h)) with a GELU MLP (the issue's benchmark block)."""
+
+    def __init__(self, width: int = BLOCK["width"], heads: int = BLOCK["heads"], hidden: int = BLOCK["hidden"]):
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.MultiHeadSelfAttention(width, heads)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x):
+        h = x + self.attn(self.norm1(x))
+        return h + self.mlp(self.norm2(h))
+
+
+def transformer_block_model() -> gf.Model:
+    t, d = BLOCK["seq"], BLOCK["width"]
+    return gf.Model(TransformerBlock(), inputs={"x": f"f32[N,{t},{d}]"}, targets={"y": f"f32[N,{t},{d}]"},
+                    loss=F.mse_loss)
+
+
+def block_train_flops(b=BLOCK) -> int:
+    """Matmul FLOPs of one step: 3x the forward (forward, input and weight gradients; the block's
+    input gradient is computed too, as the other frameworks do)."""
+    n, t, d, f = b["batch"], b["seq"], b["width"], b["hidden"]
+    rows = n * t
+    projections = 2 * rows * d * d * 4 + 2 * rows * d * f * 2
+    attention = 2 * n * t * t * d * 2  # scores and mixing, over all heads
+    return 3 * (projections + attention)
+
+
+def _torch_block(torch, weights: dict[str, np.ndarray]):
+    """The same block in PyTorch, from gradfuse's initial weights ([in, out] -> [out, in])."""
+    b = BLOCK
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.norm2 = torch.nn.LayerNorm(b["width"]), torch.nn.LayerNorm(b["width"])
+            self.attn = torch.nn.MultiheadAttention(b["width"], b["heads"], batch_first=True)
+            self.fc1, self.fc2 = torch.nn.Linear(b["width"], b["hidden"]), torch.nn.Linear(b["hidden"], b["width"])
+
+        def forward(self, x):
+            y = self.norm1(x)
+            h = x + self.attn(y, y, y, need_weights=False)[0]
+            return h + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(h))))
+
+    net = Block()
+    state = gf.to_pytorch(weights, transformer_block_model())
+    net.load_state_dict({k.replace("mlp.0.", "fc1.").replace("mlp.2.", "fc2."): torch.from_numpy(np.asarray(v))
+                         for k, v in state.items()}, strict=False)
+    return net
+
+
+def bench_transformer(quick: bool) -> list[Measurement]:
+    b = BLOCK
+    model = transformer_block_model()
+    out: list[Measurement] = []
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b["batch"], b["seq"], b["width"]), dtype=np.float32)
+    y = rng.standard_normal((b["batch"], b["seq"], b["width"]), dtype=np.float32)
+    start = time.perf_counter()
+    compiled = gf.compile(model, gf.SGD())
+    compiled.train_step(x, y, lr=1e-3)
+    counts = compiled.train_program.kernel_counts
+    out.append(Measurement("transformer block compile (in process)", "gradfuse", time.perf_counter() - start,
+                           f"compile + first step; {counts[0]} kernels compiled, {counts[1]} reused "
+                           "(cold only with an empty cache: python -m gradfuse.compile_times)"))
+    name = (f"transformer block train step (pre-LN, seq {b['seq']}, width {b['width']}, {b['heads']} heads, "
+            f"MLP {b['hidden']} GELU, batch {b['batch']}, MSE, SGD)")
+    steps = {"gradfuse": lambda: compiled.train_step(x, y, lr=1e-3)}
+    torch = _torch()
+    notes = {}
+    if torch is not None:
+        net = _torch_block(torch, model.initial_values())
+        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+        def make_step(module):
+            opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.mse_loss(module(tx), ty)
+                loss.backward()
+                opt.step()
+                return loss
+
+            return step
+
+        steps["pytorch eager"] = make_step(net)
+        if not quick:
+            try:
+                start = time.perf_counter()
+                compiled_step = make_step(torch.compile(net))
+                compiled_step()
+                notes["torch.compile"] = f"compile + first step {time.perf_counter() - start:.1f} s"
+                steps["torch.compile"] = compiled_step
+            except Exception as e:  # noqa: BLE001 - a missing C compiler etc.: say so, measure the rest
+                notes["torch.compile"] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    else:
+        notes["pytorch"] = "not installed"
+    if _jax() is None:
+        notes["jax"] = "not installed"
+    out += side_by_side(name, steps, 0.5 if quick else 2.0)
+    for m in out:
+        if m.implementation in notes:
+            m.note = notes[m.implementation]
+    out += [Measurement(name, impl, float("nan"), note) for impl, note in notes.items() if impl not in steps]
+    peak, flops = sgemm_peak(), block_train_flops()
+    ours = next(m.seconds for m in out if m.benchmark == name and m.implementation == "gradfuse")
+    out.append(Measurement(name, "sgemm peak (numpy, 2048³)", flops / peak,
+                           f"{peak / 1e9:.0f} GFLOP/s measured; gradfuse reaches {flops / ours / 1e9:.0f} GFLOP/s "
+                           f"= {flops / ours / peak:.0%} ({flops / 1e9:.1f} GFLOP per step)"))
+    return out
+
+
 _CNN_COMPILE_SCRIPT = """
 import time, numpy as np
 t = time.perf_counter()
@@ -458,8 +576,8 @@ def bench_mpi(quick: bool) -> list[Measurement]:
     return run(quick)
 
 
-BENCHMARKS = {"mlp": bench_mlp, "gelu-layernorm": bench_gelu_layernorm, "cnn": bench_cnn, "compile": bench_compile,
-              "mpi": bench_mpi}
+BENCHMARKS = {"mlp": bench_mlp, "transformer": bench_transformer, "gelu-layernorm": bench_gelu_layernorm,
+              "cnn": bench_cnn, "compile": bench_compile, "mpi": bench_mpi}
 
 
 def render(rows: list[Measurement]) -> str:

@@ -259,7 +259,7 @@ def cmd_compile(args) -> int:
         "the model's initial values, untrained (train it with `gradfuse train MODEL -o DIR`, or pass --weights)"
     report = artifact.save(compiled, args.output, _stage_texts(model, args))
     print(f"wrote {report.path}: {report.files} files, {report.bytes:,} bytes, in "
-          f"{time.perf_counter() - start:.1f} s")
+          f"{time.perf_counter() - start:.1f} s; {compiled.kernel_report()}")
     print(f"  weights:       {weights}")
     print(f"  run it:        gradfuse run {args.output} --input x.npy --output y.npy   (x.npy: a batch of "
           f"{', '.join(f'{k} {t}' for k, t in compiled.inputs.items())})")
@@ -612,8 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(run=cmd_explore)
 
     bench = sub.add_parser("bench", help="benchmarks beside numpy, PyTorch and JAX (when installed)")
-    bench.add_argument("--only", nargs="*", help="mlp, gelu-layernorm, compile, mpi (data-parallel at 1 and 2 "
-                                                  "ranks: needs the mpi extra)")
+    bench.add_argument("--only", nargs="*", help="mlp, transformer, gelu-layernorm, compile, mpi (data-parallel "
+                                                  "at 1 and 2 ranks: needs the mpi extra)")
     bench.add_argument("--json", help="also write the measurements to this JSON file")
     bench.add_argument("--quick", action="store_true", help="shorter timing runs")
     bench.set_defaults(run=cmd_bench)

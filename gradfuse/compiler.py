@@ -62,6 +62,12 @@ class CompiledModel:
         # f32 arrays for f64 inputs are widened (exact); the runtime refuses the other way (lossy)
         self._widen = {n for n, t in {**self.inputs, **self.targets}.items() if t.dtype is DType.f64}
 
+    def kernel_report(self) -> str:
+        """``compiled 40 kernels, reused 90`` over the predict and training programs."""
+        counts = [p.kernel_counts for p in (self.predict_program, self.train_program) if p is not None]
+        return (f"compiled {sum(c for c, _ in counts)} kernels, reused {sum(r for _, r in counts)} "
+                "(kernels identical up to buffer names share one compiled function)")
+
     def predict(self, *inputs: np.ndarray, **named: np.ndarray) -> np.ndarray:
         """The model's output for a batch (inference mode): one array per input, by position in
         the order of ``inputs`` or by name (``predict(x=..., mask=...)``), or both (positions first)."""

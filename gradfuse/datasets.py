@@ -65,6 +65,14 @@ def text_corpus() -> str:
     return "\n".join(parts)
 
 
+def python_topics() -> str:
+    """About 465 KB of English prose and code that every Python has: the help topics of the
+    standard library's ``pydoc_data`` (what ``help("FORMATTING")`` prints), in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[k] for k in sorted(topics))
+
+
 def characters(length: int = 32, test_fraction: float = 0.1, text: str | None = None) -> dict[str, np.ndarray]:
     """A character-level language-modelling set from :func:`text_corpus`: windows of ``length``
     characters ``x`` and the same windows one character later ``y`` (next-character targets),
@@ -77,7 +85,8 @@ def characters(length: int = 32, test_fraction: float = 0.1, text: str | None = 
     """
     text = text_corpus() if text is None else text
     vocabulary = sorted(set(text))
-    ids = np.array([vocabulary.index(c) for c in text], dtype=np.int64)
+    index = {c: i for i, c in enumerate(vocabulary)}
+    ids = np.array([index[c] for c in text], dtype=np.int64)
     cut = int(len(ids) * (1 - test_fraction))
     out = {"vocabulary": np.array(vocabulary)}
     for split, part in (("train", ids[:cut]), ("test", ids[cut:])):

@@ -125,14 +125,23 @@ def reshape(x: Tensor, *shape) -> Tensor:
     if shape.count(-1) > 1:
         raise current().error(f"reshape to {shape}: only one dimension can be -1")
     if -1 in shape:
-        known = [d for d in shape if d != -1]
-        sym_in = [d for d in x.shape if isinstance(d, str)]
-        sym_out = [d for d in known if isinstance(d, str)]
-        rest_in = math.prod(d for d in x.shape if isinstance(d, int))
-        rest_out = math.prod(d for d in known if isinstance(d, int))
-        if sorted(sym_in) != sorted(sym_out) or rest_out == 0 or rest_in % rest_out:
-            raise current().error(f"cannot reshape {x.type} to {shape}")
-        shape[shape.index(-1)] = rest_in // rest_out
+        from collections import Counter
+
+        from gradfuse.ir.types import dim_factors, dim_product
+
+        def factors(dims):
+            syms, k = Counter(), 1
+            for d in dims:
+                s, f = dim_factors(d)
+                syms.update(s)
+                k *= f
+            return syms, k
+
+        (sym_in, rest_in), (sym_out, rest_out) = factors(x.shape), factors(d for d in shape if d != -1)
+        if sym_out - sym_in or rest_out == 0 or rest_in % rest_out:
+            raise current().error(f"cannot reshape {x.type} to {shape}: the element counts cannot match",
+                                  hint="-1 takes what the other dimensions leave, symbols (N) included")
+        shape[shape.index(-1)] = dim_product((sym_in - sym_out).elements(), rest_in // rest_out)
     return _emit("reshape", x, shape=shape)
 
 
@@ -213,6 +222,49 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 # ---- neural-network ops ------------------------------------------------------------------
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
     return _emit("softmax", x, axis=_axes(x, axis)[0])
+
+
+def causal_mask(queries, keys=None) -> Tensor:
+    """bool[queries, keys], true where query i may see key j (j <= i; PyTorch's ``is_causal``).
+    The sizes may be symbols (``"T"``)."""
+    keys = queries if keys is None else keys
+    for d in (queries, keys):
+        if isinstance(d, bool) or not isinstance(d, int | str) or isinstance(d, int) and d < 1:
+            raise current().error(f"causal_mask: a size must be a positive int or a symbol, got {d!r}")
+    return _emit("causal_mask", shape=[queries, keys])
+
+
+def masked_softmax(x: Tensor, mask: Tensor, axis: int = -1) -> Tensor:
+    """softmax of ``x`` with the positions where ``mask`` is false set to -inf first (weight 0).
+
+    The ``where`` runs in the softmax row kernel's prologue (``gradfuse show --stage loops``); a
+    row with no true position gives NaN, as in PyTorch."""
+    if mask.dtype != DType.bool:
+        raise current().error(f"softmax mask must be bool (true = keep), got {mask.type}",
+                              hint="build it with comparisons, e.g. ids != pad, or F.causal_mask(T)")
+    return softmax(where(mask, x, -math.inf), axis)
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
+                                 causal: bool = False, scale: float | None = None) -> Tensor:
+    """softmax(q kᵀ · scale) v over the last two axes (q [..., Tq, d], k [..., Tk, d], v [..., Tk, dv]),
+    as ``torch.nn.functional.scaled_dot_product_attention``: ``scale`` defaults to 1/sqrt(d);
+    ``mask`` is bool (true = attend) broadcasting to [..., Tq, Tk]; ``causal`` lets query i see
+    keys j <= i (and combines with ``mask``)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.ndim < 2:
+            raise current().error(f"scaled_dot_product_attention: {name} must have at least 2 axes, got {t.type}")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise current().error(f"scaled_dot_product_attention: q {q.type}, k {k.type}, v {v.type} do not match",
+                              hint="q [..., Tq, d], k [..., Tk, d], v [..., Tk, dv]")
+    d = q.shape[-1]
+    scores = matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(d) if scale is None else scale)
+    keep = mask
+    if causal:
+        causal = causal_mask(q.shape[-2], k.shape[-2])
+        keep = causal if keep is None else logical_and(keep, causal)
+    weights = softmax(scores, -1) if keep is None else masked_softmax(scores, keep, -1)
+    return matmul(weights, v)
 
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:

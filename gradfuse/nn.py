@@ -539,22 +539,26 @@ class MultiHeadSelfAttention(Module):
     """softmax(Q Kᵀ / sqrt(d)) V over ``heads`` heads, for x of shape [N, T, dim].
 
     The same function as ``torch.nn.MultiheadAttention(dim, heads, batch_first=True)`` called as
-    ``attn(x, x, x, need_weights=False)[0]`` (no mask, dropout 0): per-head scale 1/sqrt(dim/heads),
-    head h the features h·d:(h+1)·d of the projections, heads concatenated before ``out``."""
+    ``attn(x, x, x, need_weights=False)[0]`` (dropout 0): per-head scale 1/sqrt(dim/heads),
+    head h the features h·d:(h+1)·d of the projections, heads concatenated before ``out``.
 
-    def __init__(self, dim: int, heads: int):
+    ``causal=True`` lets position t attend to positions <= t only (PyTorch's ``is_causal``);
+    ``forward(x, mask)`` takes a bool mask (true = attend) broadcasting to [N, heads, T, T], e.g.
+    ``[N, 1, 1, T]`` for padding. Masked scores become -inf inside the softmax's row kernel."""
+
+    def __init__(self, dim: int, heads: int, causal: bool = False):
         if dim % heads:
             raise ValueError(f"MultiHeadSelfAttention: dim {dim} is not divisible by heads {heads}")
-        self.dim, self.heads = dim, heads
+        self.dim, self.heads, self.causal = dim, heads, bool(causal)
         self.q = Linear(dim, dim, init="xavier")
         self.k = Linear(dim, dim, init="xavier")
         self.v = Linear(dim, dim, init="xavier")
         self.out = Linear(dim, dim, init="xavier")
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, heads={self.heads}"
+        return f"{self.dim}, heads={self.heads}" + (", causal=True" if self.causal else "")
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise current().error(f"{self!r} got {x.type}, expected [N, T, {self.dim}]",
                                   "attention takes a batch of sequences of vectors")
@@ -565,8 +569,7 @@ class MultiHeadSelfAttention(Module):
             return y.reshape(n, t, self.heads, head_dim).transpose(0, 2, 1, 3)
 
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        scores = F.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(head_dim))
-        mixed = F.matmul(F.softmax(scores, axis=-1), v)
+        mixed = F.scaled_dot_product_attention(q, k, v, mask=mask, causal=self.causal)
         return self.out(mixed.transpose(0, 2, 1, 3).reshape(n, t, self.dim))
 
     def state_from_pytorch(self, src: StateView) -> dict[str, np.ndarray]:

@@ -244,7 +244,10 @@ def fit(compiled, data: Dataset, config: TrainConfig, resume: bool = False, prog
     first = rank_batches(batches(len(data), config.batch_size, config.seed, start_epoch), ranks.size)
     sizes = {len(shard(part, r, ranks.size)) for part in first for r in range(ranks.size)}
     with ranks.patience():
+        started = time.perf_counter()
         warm_up(compiled, sizes)  # Numba compiles here, not inside the first epoch's throughput
+    if hasattr(compiled, "kernel_report"):
+        progress.epoch(f"{compiled.kernel_report()}, ready in {time.perf_counter() - started:.1f} s")
     inputs = len(compiled.inputs)
     if data.test is not None and not ranks.rank:  # a metric that fails does so now, not after the first epoch
         metrics.evaluate(compiled.predict, [a[:2] for a in data.test[:inputs]], [a[:2] for a in data.test[inputs:]])

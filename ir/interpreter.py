@@ -12,6 +12,7 @@ from gradfuse.errors import InputError
 
 from .graph import Graph, Value
 from .registry import get_op
+from .types import dim_value
 
 
 @dataclass
@@ -38,12 +39,18 @@ def bind_arguments(g: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
         if a.ndim != v.type.rank:
             raise InputError(f"%{v.name} ({kind.value}) expects {v.type}, got shape {list(a.shape)}")
         for want, got in zip(v.type.shape, a.shape, strict=True):
+            if isinstance(want, str) and "*" in want:  # a product: checked once its symbols are bound
+                continue
             if isinstance(want, str):
                 if bindings.setdefault(want, got) != got:
                     raise InputError(f"%{v.name} has {want}={got} but an earlier argument set {want}="
                                      f"{bindings[want]}")
             elif want != got:
                 raise InputError(f"%{v.name} ({kind.value}) expects {v.type}, got shape {list(a.shape)}")
+    for kind, v in g.args:
+        if v.type.concrete(bindings) != np.shape(feeds[v.name]):
+            raise InputError(f"%{v.name} ({kind.value}) expects {v.type}, got shape {list(np.shape(feeds[v.name]))} "
+                             f"({', '.join(f'{k}={n}' for k, n in sorted(bindings.items()))})")
     return bindings
 
 
@@ -52,7 +59,7 @@ def concrete_attrs(attrs: dict, spec, bindings: dict[str, int]) -> dict:
     out = dict(attrs)
     for name, a in spec.items():
         if a.kind == "dims":
-            out[name] = tuple(bindings[d] if isinstance(d, str) else d for d in attrs[name])
+            out[name] = tuple(dim_value(d, bindings) for d in attrs[name])
     return out
 
 

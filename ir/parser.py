@@ -30,7 +30,7 @@ _TOKEN_RE = re.compile(r"""
   | (?P<number>-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|-inf(?![A-Za-z0-9_]))
   | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<string>"(?:[^"\\]|\\.)*")
-  | (?P<punct><-|[(){}\[\],:=])
+  | (?P<punct><-|[(){}\[\],:=*])
 """, re.VERBOSE)
 _INT_RE = re.compile(r"-?[0-9]+")
 _WHERE_RE = re.compile(r"(?:(\S+):([0-9]+))?(?: ?@(\S+))?")
@@ -187,10 +187,21 @@ class _Parser:
     def dim(self) -> Dim:
         tok = self.tok
         if tok.kind == "ident":
-            return self.advance().text
+            return self.product(self.advance().text)
         if tok.kind == "number" and tok.text.isdigit():
             return self.integer(self.advance())
         raise self.error(tok, f"expected a dimension (a size or a symbol like N), found {tok.describe()}")
+
+    def product(self, first: str) -> str:
+        """``N*32``: a symbol times further symbols or ints (a dimension reshape made)."""
+        parts = [first]
+        while self.at("punct", "*"):
+            self.advance()
+            tok = self.tok
+            if tok.kind != "ident" and not (tok.kind == "number" and tok.text.isdigit()):
+                raise self.error(tok, f"expected a symbol or a size after '*', found {tok.describe()}")
+            parts.append(self.advance().text)
+        return "*".join(parts)
 
     def integer(self, tok: Token) -> int:
         try:
@@ -228,6 +239,8 @@ class _Parser:
                 raise self.error(tok, f"bad string literal: {e}") from None
         if tok.kind == "ident":
             self.advance()
+            if self.at("punct", "*"):  # a product dimension, N*32
+                return self.product(tok.text)
             return _KEYWORDS[tok.text] if keywords and tok.text in _KEYWORDS else tok.text
         if self.at("punct", "["):
             if depth == _MAX_LIST_DEPTH:

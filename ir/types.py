@@ -1,7 +1,10 @@
 """Element types and tensor types of the graph IR.
 
-A shape is a tuple of dimensions; a dimension is either a non-negative int or a symbol
-(an identifier such as ``N``, the batch size) bound when the graph runs.
+A shape is a tuple of dimensions; a dimension is either a non-negative int, a symbol (an
+identifier such as ``N``, the batch size) bound when the graph runs, or a product of symbols and
+one int written ``"N*32"`` (what ``reshape(-1, 94)`` makes of ``[N,32,94]``; canonical form: the
+symbols sorted, then the int factor, see :func:`dim_product`). Products appear only in results of
+reshape; arguments have plain symbols, which bind the products' values.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ Dim = int | str
 Shape = tuple[Dim, ...]
 
 _SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
+_PRODUCT = re.compile(r"^([A-Za-z_][A-Za-z_0-9]*|[0-9]+)(\*([A-Za-z_][A-Za-z_0-9]*|[0-9]+))+$")
 
 
 class DType(enum.Enum):
@@ -70,13 +74,58 @@ def is_symbol(d: Dim) -> bool:
     return isinstance(d, str)
 
 
+def dim_factors(d: Dim) -> tuple[list[str], int]:
+    """(the symbols, the int factor) of a dimension: ``"N*32"`` -> (["N"], 32), 5 -> ([], 5)."""
+    if isinstance(d, int):
+        return [], d
+    syms, k = [], 1
+    for f in d.split("*"):
+        if f.isdigit():
+            k *= int(f)
+        else:
+            syms.append(f)
+    return syms, k
+
+
+def dim_product(symbols, k: int) -> Dim:
+    """The canonical dimension of a product of ``symbols`` and the int ``k``."""
+    syms = sorted(symbols)
+    if not syms or k == 0:
+        return k
+    return "*".join(syms + ([str(k)] if k != 1 else []))
+
+
+def dims_product(dims) -> Dim:
+    """The dimension of the product of ``dims``: [N, 32] -> "N*32", [4, 8] -> 32."""
+    syms, k = [], 1
+    for d in dims:
+        s, f = dim_factors(d)
+        syms += s
+        k *= f
+    return dim_product(syms, k)
+
+
+def dim_value(d: Dim, bindings) -> int:
+    """The size of a dimension with its symbols bound."""
+    if isinstance(d, int):
+        return d
+    if "*" not in d:
+        return bindings[d]
+    syms, k = dim_factors(d)
+    for s in syms:
+        k *= bindings[s]
+    return k
+
+
 def check_dim(d) -> Dim:
     if isinstance(d, bool) or not isinstance(d, int | str):
         raise TypeError(f"a dimension is an int or a symbol name, not {d!r}")
     if isinstance(d, int) and d < 0:
         raise ValueError(f"a dimension cannot be negative: {d}")
     if isinstance(d, str) and not _SYMBOL.match(d):
-        raise ValueError(f"a symbolic dimension must be an identifier, not {d!r}")
+        if not _PRODUCT.match(d):
+            raise ValueError(f"a symbolic dimension must be an identifier (or a product like N*32), not {d!r}")
+        d = dim_product(*dim_factors(d))
     return d
 
 
@@ -99,11 +148,11 @@ class TensorType:
 
     @property
     def symbols(self) -> set[str]:
-        return {d for d in self.shape if isinstance(d, str)}
+        return {s for d in self.shape if isinstance(d, str) for s in dim_factors(d)[0]}
 
     def concrete(self, bindings: dict[str, int]) -> tuple[int, ...]:
         """The shape with every symbol replaced by its bound size."""
-        return tuple(bindings[d] if isinstance(d, str) else d for d in self.shape)
+        return tuple(dim_value(d, bindings) for d in self.shape)
 
     def nbytes(self, bindings: dict[str, int]) -> int:
         return int(np.prod(self.concrete(bindings), dtype=np.int64)) * self.dtype.itemsize

@@ -30,7 +30,12 @@ def verify(g: Graph) -> Graph:
     for kind, v in g.args:
         assert isinstance(kind, ArgKind)
         define(v, f"@{g.name} argument")
-    bound = {s for _, v in g.args for s in v.type.symbols}  # the sizes a run can bind
+    # the sizes a run can bind: plain symbols of the arguments' shapes (a product, N*32, binds nothing)
+    bound = {d for _, v in g.args for d in v.type.shape if isinstance(d, str) and "*" not in d}
+    for _, v in g.args:
+        if not v.type.symbols <= bound:
+            raise VerifyError(f"@{g.name} argument %{v.name}: {v.type} has a product dimension whose symbols "
+                              f"({', '.join(sorted(v.type.symbols - bound))}) no argument binds alone")
     for i, n in enumerate(g.nodes):
         where = f"@{g.name} node {i} ({n.op} -> %{n.outputs[0].name if n.outputs else '?'})"
         for v in n.inputs:

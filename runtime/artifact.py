@@ -75,7 +75,16 @@ def warm_up(compiled, batch_sizes=(2,)) -> None:
     compiles every kernel now (into the module's on-disk cache, which an artifact copies) and
     the buffers of those sizes are laid out before anything is timed."""
     from gradfuse.compiler import CompiledModel
+    from gradfuse.runtime.program import CompileProgress
 
+    programs = [p for p in (compiled.predict_program, compiled.train_program) if p is not None]
+    todo = [p.distinct_kernels() for p in programs]
+    bar = CompileProgress(sum(len(t) for t in todo))
+    try:
+        for p in programs:
+            p.precompile(bar)
+    finally:
+        bar.close()
     scratch = CompiledModel(compiled.name, compiled.inputs, compiled.targets, compiled.predict_program,
                             compiled.train_program, {k: v.copy() for k, v in compiled.weights.items()})
     for n in dict.fromkeys(max(n, 2) for n in batch_sizes):  # a training batch needs two rows (BatchNorm)

@@ -8,6 +8,7 @@ for that batch size, and calls the generated ``step`` function once.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,31 @@ def in_place_updates(graph: Graph, batch: int, target: str = "cpu") -> frozenset
     return frozenset(u.arg for u in plan.updates if u.in_place)
 
 
+class CompileProgress:
+    """``[####......] 12/40 kernels`` on stderr while kernels compile, if stderr is a terminal
+    and compiling has taken more than ``after`` seconds; nothing otherwise (logs stay clean)."""
+
+    def __init__(self, total: int, stream=None, after: float = 1.0, width: int = 30):
+        self.total, self.done, self.after, self.width = total, 0, after, width
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start, self.shown = time.perf_counter(), False
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.tty and (self.shown or time.perf_counter() - self.start > self.after):
+            self.shown = True
+            filled = self.width * self.done // max(self.total, 1)
+            self.stream.write(f"\rcompiling [{'#' * filled}{'.' * (self.width - filled)}] "
+                              f"{self.done}/{self.total} kernels")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\r" + " " * (self.width + 40) + "\r")
+            self.stream.flush()
+
+
 class _SlowPath(Exception):
     pass
 
@@ -53,6 +79,7 @@ class Program:
     path: str
     module: object
     compile_seconds: float = 0.0
+    kernel_counts: tuple[int, int] = (0, 0)  # (kernels compiled, kernels sharing another's code)
     in_place: frozenset[str] = frozenset()  # updated arguments the kernels write directly (no copy)
     one_dispatch: bool = False  # run through checked_step compiled with a signature (see _run_compiled)
     backend: object = field(default_factory=get_backend)  # prints, loads and names (codegen/targets.py)
@@ -67,6 +94,9 @@ class Program:
         self._fast_signature = [
             (v.name, dtype, len(shape), shape, None if any(isinstance(d, str) for d in shape) else tuple(shape),
              kind is not ArgKind.input) for kind, v, dtype, shape in self._signature]
+        # an argument with a product dimension (N*32, a loss graph's flattened prediction) is checked
+        # after the plain symbols are bound, on the checked path
+        self._products = any(isinstance(d, str) and "*" in d for _, v in self.graph.args for d in v.type.shape)
         self._checks = [(n, c) for n in self.graph.nodes for c in get_op(n.op).checks]  # see _check_indices
         self._index_checks = bool(self._checks)
         self._launches: dict[tuple, _Launch] = {}
@@ -74,7 +104,7 @@ class Program:
         seen: dict[str, tuple[int, int]] = {}  # batch symbol -> (argument, axis) it is read from
         for i, (_, v) in enumerate(self.graph.args):
             for axis, d in enumerate(v.type.shape):
-                if isinstance(d, str):
+                if isinstance(d, str) and "*" not in d:
                     seen.setdefault(d, (i, axis))
         self._symbol_sources = [(d, i, axis) for d, (i, axis) in seen.items()]
         self._compiled_step = None  # checked_step under its signature, once compiled; False if it cannot be
@@ -91,6 +121,8 @@ class Program:
         module, path = backend.load(source, cache_dir, graph.name)
         prog = cls(graph, kernels, source, path, module, in_place=in_place, backend=backend)
         prog.compile_seconds = time.perf_counter() - start
+        counts = getattr(backend, "kernel_counts", None)
+        prog.kernel_counts = counts(source) if counts else (len(kernels.kernels), 0)
         return prog
 
     @property
@@ -107,7 +139,7 @@ class Program:
         try:  # fast path: every feed already an array of the right dtype, shape and layout
             for name, dtype, ndim, shape, fixed, written in self._fast_signature:
                 a = feeds[name]
-                if (a.__class__ is not np.ndarray or a.dtype != dtype or a.ndim != ndim
+                if (self._products or a.__class__ is not np.ndarray or a.dtype != dtype or a.ndim != ndim
                         or not a.flags.c_contiguous or (written and not a.flags.writeable)):
                     raise _SlowPath
                 if fixed is None:
@@ -142,6 +174,8 @@ class Program:
             if a.ndim != len(shape):
                 raise InputError(f"%{v.name} ({kind.value}) expects {v.type}, got shape {list(a.shape)}")
             for want, got in zip(shape, a.shape, strict=True):
+                if want.__class__ is str and "*" in want:
+                    continue  # a product: checked below, once its symbols are bound
                 if want.__class__ is str:
                     if got == 0:
                         raise InputError(f"%{v.name}: the batch is empty (shape {list(a.shape)})")
@@ -156,6 +190,10 @@ class Program:
             if kind is not ArgKind.input and not a.flags.writeable:
                 raise InputError(f"%{v.name} is read-only, but the step updates it in place")
             arrays.append(a)
+        if self._products:
+            for (kind, v, _, _), a in zip(self._signature, arrays, strict=True):
+                if v.type.concrete(sizes) != a.shape:
+                    raise InputError(f"%{v.name} ({kind.value}) expects {v.type}, got shape {list(a.shape)}")
         if self._index_checks:
             self._check_indices(dict(zip((v.name for _, v in g.args), arrays, strict=True)), sizes)
         return sizes, arrays
@@ -247,6 +285,39 @@ class Program:
             return self._call(self._compiled_step, launch, arrays)
         except TypeError:  # an argument whose type is not the signature's: nothing ran
             return None
+
+    def distinct_kernels(self) -> list[tuple[object, list]]:
+        """(Numba dispatcher, its argument types) for every function the module compiles: one per
+        distinct kernel code (the layers that share one appear once), parallel ones with their
+        serial twins. The types are those run() passes: C-contiguous arrays, int64 sizes."""
+        from numba import from_dtype, types
+
+        seen, out = set(), []
+        for k in self.kernels.kernels:
+            fn = getattr(self.module, k.name, None)
+            if fn is None or not hasattr(fn, "compile") or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            buffers = dict.fromkeys(k.reads + k.writes)
+            sig = [types.Array(from_dtype(v.type.dtype.np), v.type.rank, "C") for v in buffers]
+            sig += [types.int64] * len(k.symbols)
+            out.append((fn, sig))
+            twin = getattr(self.module, f"{k.name}_serial", None)
+            if twin is not None and id(twin) not in seen:
+                seen.add(id(twin))
+                out.append((twin, sig))
+        return out
+
+    def precompile(self, progress=None) -> None:
+        """Compile (or load from Numba's cache) every distinct kernel now, calling ``progress()``
+        after each: what the first run would do lazily, but countable for a progress bar."""
+        for fn, sig in self.distinct_kernels():
+            try:
+                fn.compile(tuple(sig))
+            except Exception:  # noqa: BLE001 - the first run compiles it lazily instead (and says why)
+                pass
+            if progress is not None:
+                progress()
 
     def compile_checked_step(self) -> None:
         """Compile ``checked_step`` under its signature now (the backend caches it beside the

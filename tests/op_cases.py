@@ -223,6 +223,7 @@ CASES: dict[str, list[OpCase]] = {
         case(value=float("inf"), dtype="f64", shape=["N", 2]),
         case(value=float("nan"), shape=[3]),
     ],
+    "causal_mask": [case(shape=[1, 1]), case(shape=[5, 5]), case(shape=[3, 4]), case(shape=["N", "N"])],
     # linear algebra
     "matmul": [
         case("f32[N,4]", "f32[4,5]"),

@@ -7,7 +7,7 @@ import numpy as np
 from gradfuse.errors import ShapeError
 
 from ..registry import Attr, OpDef, register
-from ..types import TensorType
+from ..types import TensorType, dims_product
 from .common import FLOATS, broadcast_shapes, same_dtype
 
 
@@ -50,7 +50,16 @@ def _matmul_vjp(ctx, g):
             ga = ctx.emit("matmul", b, g, rule="b·gᵀ" if not tb else "bᵀ·gᵀ", wrt="lhs",
                           transpose_a=tb, transpose_b=True)
         ga = ctx.unbroadcast(ga, a.type, "lhs")
-    if ctx.wants(1):
+    if ctx.wants(1) and b.type.rank == 2 and a.type.rank > 2 and not ta:
+        # a weight shared by every row of a batch ([N, T, K] @ [K, M]): one 2-D GEMM over the
+        # flattened rows ([N*T, K]ᵀ·[N*T, M]) instead of a product per example summed over N
+        rows = dims_product(a.type.shape[:-1])
+        a2 = ctx.emit("reshape", a, rule="a as rows", wrt="rhs", shape=[rows, a.type.shape[-1]])
+        g2 = ctx.emit("reshape", g, rule="g as rows", wrt="rhs", shape=[rows, g.type.shape[-1]])
+        gb = (ctx.emit("matmul", a2, g2, rule="aᵀ·g over all rows", wrt="rhs", transpose_a=True, transpose_b=False)
+              if not tb else
+              ctx.emit("matmul", g2, a2, rule="gᵀ·a over all rows", wrt="rhs", transpose_a=True, transpose_b=False))
+    elif ctx.wants(1):
         if not tb:  # dB = op(a)ᵀ·g
             gb = ctx.emit("matmul", a, g, rule="aᵀ·g" if not ta else "a·g", wrt="rhs",
                           transpose_a=not ta, transpose_b=False)

@@ -567,3 +567,26 @@ register(OpDef("embedding_grad", "structured", _embedding_grad_infer, embedding_
                                                 "at ids (scatter-add)", nondiff=_BACKWARD_OP,
                lowering={"nest": _embedding_grad_nest},
                checks=(IndexCheck(0, lambda node: node.attrs["rows"], "ids"),)))
+
+
+# ---- attention masks ---------------------------------------------------------------------
+def _causal_mask_infer(*, shape) -> TensorType:
+    if len(shape) != 2:
+        raise ShapeError(f"causal_mask: the shape must be [queries, keys], got {list(shape)}")
+    return TensorType(DType.bool, shape)
+
+
+def _causal_mask_nest(b, n):
+    """out[i, j] = j <= i: query i sees key j at or before it (PyTorch's is_causal, top-left aligned)."""
+    with b.loop(n.outputs[0].type.shape) as (i, j):
+        b.store(n.outputs[0], [i, j], b.let(f"{j} <= {i}", "keep"))
+
+
+def _causal_mask_ref(*, shape):
+    assert all(isinstance(d, int) for d in shape), "causal_mask ref needs concrete dims (see interpreter)"
+    return np.tril(np.ones(shape, dtype=bool))
+
+
+register(OpDef("causal_mask", "source", _causal_mask_infer, _causal_mask_ref, arity=0,
+               attrs={"shape": Attr("dims")}, doc="bool[Tq,Tk], true where key j <= query i (lower triangle)",
+               nondiff="a mask has no inputs", role="opaque", lowering={"nest": _causal_mask_nest}))

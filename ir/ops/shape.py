@@ -9,14 +9,18 @@ import numpy as np
 from gradfuse.errors import ShapeError
 
 from ..registry import Attr, OpDef, register
-from ..types import Dim, DType, TensorType, format_shape
+from ..types import Dim, DType, TensorType, dim_factors, format_shape
 from .common import broadcast_shapes, check_axis, same_dtype
 
 
 def _size_key(shape: tuple[Dim, ...]):
     """Element count of a shape as (symbol multiset, product of the int dims)."""
-    ints = int(np.prod([d for d in shape if isinstance(d, int)], dtype=np.int64))
-    return Counter(d for d in shape if isinstance(d, str)), ints
+    syms, ints = Counter(), 1
+    for d in shape:
+        s, k = dim_factors(d)
+        syms.update(s)
+        ints *= k
+    return syms, ints
 
 
 def _reshape_infer(x: TensorType, *, shape) -> TensorType:
