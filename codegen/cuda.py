@@ -435,7 +435,7 @@ def print_module(prog: KernelProgram, block: int = 256, in_place: frozenset[str]
     bound = set()
     for _, v in g.args:
         for axis, d in enumerate(v.type.shape):
-            if isinstance(d, str) and d not in bound:
+            if isinstance(d, str) and "*" not in d and d not in bound:  # a product (N*32) binds nothing
                 step(f"{d} = {arr(v)}.shape[{axis}]")
                 bound.add(d)
     by_name = {kp.k.name: kp for kp in printers}
