@@ -28,7 +28,7 @@ from gradfuse.explore.layout import layered_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.py")))
-SCREENSHOT = os.path.join(ROOT, "docs", "explore.png")  # the README's picture, rewritten by the test
+SCREENSHOT = os.path.join(ROOT, "docs", "explore.png")  # the README's picture, rewritten with --accept
 
 
 # -- a 12-layer transformer, written in the DSL ---------------------------------------------------
@@ -271,7 +271,7 @@ def test_every_example_page_draws_and_links(browser, pages, name, tmp_path):
     browser.save_screenshot(str(tmp_path / f"{name}.png"))
 
 
-def test_a_screenshot_for_the_readme(browser, tmp_path):
+def test_a_screenshot_for_the_readme(browser, tmp_path, accept):
     page = str(tmp_path / "digits_mlp.html")
     assert main(["explore", os.path.join(ROOT, "examples", "digits_mlp.py"), "-o", page]) == 0
     _open(browser, page)
@@ -294,9 +294,9 @@ def test_a_screenshot_for_the_readme(browser, tmp_path):
     assert [e.get_attribute("data-v") for e in browser.find_elements("css selector", "#canvas g.item.sel")] == \
         ["grad.fc1.weight"]
     assert _errors(browser) == []
-    os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
-    browser.save_screenshot(SCREENSHOT)
-    assert os.path.getsize(SCREENSHOT) > 10_000
+    shot = SCREENSHOT if accept else str(tmp_path / "explore.png")  # --accept: the README's picture too
+    browser.save_screenshot(shot)
+    assert os.path.getsize(shot) > 10_000
 
 
 def test_a_model_without_a_loss_has_its_forward_and_kernels(browser, tmp_path, capsys):
