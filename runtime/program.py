@@ -347,6 +347,9 @@ class Program:
         """Like :meth:`run`, kernel by kernel, stopping at the first kernel that writes a NaN or
         an infinity; the error names the kernel and the op and source line inside it that
         produced it first (found by replaying the kernel's nodes with the reference ops)."""
+        if getattr(self.backend, "call", None):
+            raise InputError(f"checking kernel by kernel (--check) runs on the CPU backend, not {self.backend.name}: "
+                             "compile for target='cpu' to find the op that makes a NaN")
         sizes, arrays = self.bind(feeds)
         updated = {old for old, new in self.graph.updates if new is not old}
         before = {v: arrays[self._arg_index[v]].copy() for v in self.graph.outputs if v in updated}
