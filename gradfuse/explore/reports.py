@@ -42,6 +42,12 @@ def kernel_functions(source: str) -> dict[str, list[str]]:
     return out
 
 
+def shared_kernels(source: str) -> dict[str, str]:
+    """Kernels whose code is another's (identical layers, compiled once): ``k12 = k5`` -> {k12: k5}."""
+    return {m.group(1): m.group(2) for m in re.finditer(r"^(k\w+) = (k\w+)$", source, re.M)
+            if not m.group(1).endswith("_serial")}
+
+
 def mark_lines(lines: list[str], nodes: list[Node]) -> list[int]:
     """For each source line, the index in ``nodes`` of the op it computes (-1: loop structure,
     loads shared by several ops): the line assigning or storing its result, or naming it in the
@@ -73,8 +79,13 @@ def kernel_reports(fused: Graph, report: FusionReport, plan: MemoryPlan, source:
     """Per kernel: kind, ops, traffic, the pairs not fused (and why), its memory-plan step and the
     placement of what it writes, and its source with each line's op. ``fusion_name``: the
     generated function of each kernel -> the kernel's name in the graph."""
-    funcs = {fusion_name.get(fn, fn): (fn, lines) for fn, lines in kernel_functions(source).items()}
+    functions = kernel_functions(source)
+    for alias, code in shared_kernels(source).items():  # the function that runs it, on its own buffers
+        functions.setdefault(alias, functions.get(code, []))
+    funcs = {fusion_name.get(fn, fn): (shared_kernels(source).get(fn, fn), lines) for fn, lines in functions.items()}
     step_of = {s.name: s.index for s in plan.steps}
+    by_name = {k.name: k for k in report.kernels}
+    by_function = {fn: by_name[fusion_name.get(fn, fn)] for fn in functions if fusion_name.get(fn, fn) in by_name}
     out = {}
     for k in report.kernels:
         members = {id(n) for n in k.nodes}
@@ -88,11 +99,13 @@ def kernel_reports(fused: Graph, report: FusionReport, plan: MemoryPlan, source:
                 writes.append({"v": v.name, "kind": p.kind, "b": p.nbytes, "first": p.first, "last": p.last,
                                "off": p.offset, "of": p.in_place_of or p.alias_of or p.storage})
         fn, lines = funcs.get(k.name, (None, []))
+        # shared code names the values of the kernel that defines it, whose ops come in the same order
+        owner = by_function.get(fn, k)
         out[k.name] = {
             "kind": k.kind, "ops": [n.outputs[0].name for n in k.nodes],
             "reads": [v.name for v in k.reads], "br": k.bytes_read, "bw": k.bytes_written,
             "rejected": rejected, "step": step_of.get(k.name), "writes": writes,
-            "fn": fn, "src": lines, "marks": mark_lines(lines, k.nodes),
+            "fn": fn, "src": lines, "marks": mark_lines(lines, owner.nodes),
         }
     return out
 
