@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -527,18 +528,29 @@ class CUDABackend:
         return print_module(prog, self.block, in_place, self.tile, self.max_blocks)
 
     def load(self, source: str, cache_dir: str, stem: str):
-        from .cpu import CPUBackend
-
-        self.require()
+        """Import the module (no GPU needed: ``cuda.jit`` compiles at the first launch, and the
+        PTX of an artifact compiles without one); the first run checks for the GPU."""
+        if self.name == "cudasim":
+            self.require()
+            # The simulator runs each GPU thread as a Python thread while its block manager polls
+            # them in a loop that holds the GIL: at Python's default 5 ms switch interval every
+            # simulated thread waits for that loop, and a block of 4 threads takes ~20 ms. At
+            # 0.1 ms the op-table test runs 5x faster. (Process-wide, set by the simulator target only.)
+            sys.setswitchinterval(min(sys.getswitchinterval(), 1e-4))
         name = f"gfcuda_{stem}_{hashlib.sha256(source.encode()).hexdigest()[:16]}"
         path = os.path.join(cache_dir, f"{name}.py")
         if not os.path.exists(path):
             with atomic_file(path, CACHE, "w") as f:
                 f.write(source)
+        return self.import_file(path), path
+
+    def import_file(self, path: str):
+        from .cpu import CPUBackend
+
         module = CPUBackend.import_file(path)
         if self.name == "cudasim":
             module.math = IEEE_MATH  # the kernels run as Python there: see SimulatorMath
-        return module, path
+        return module
 
     @staticmethod
     def compile_entry(module, args, buffers):
@@ -556,30 +568,11 @@ class CUDABackend:
         return None
 
     @staticmethod
-    def call(step, arrays: list[np.ndarray], bufs: list[np.ndarray], written: list[bool]) -> int:
-        """Copy the arguments to the device, run ``step``, copy back what it wrote: the updated
-        arguments (``written``) and every buffer. A buffer that is an argument's storage (an
-        update in place) is a view of that argument's device copy."""
-        from numba import cuda
+    def empty(shape: tuple, dtype):
+        """Device memory for the memory plan's arena and the buffers outside it."""
+        from gradfuse.runtime.device import empty
 
-        def flat(a):
-            return a.reshape(1) if a.ndim == 0 else a
-
-        d_args = [cuda.to_device(flat(a)) for a in arrays]
-        d_bufs = []
-        for b in bufs:
-            owner = next((i for i, a in enumerate(arrays) if a.size and np.may_share_memory(a, b)), None)
-            d_bufs.append(d_args[owner].reshape(flat(b).shape) if owner is not None
-                          else cuda.device_array(flat(b).shape, b.dtype))
-        rc = step(*d_args, *d_bufs)
-        cuda.synchronize()
-        for a, d, w in zip(arrays, d_args, written, strict=True):
-            if w and a.size:
-                d.copy_to_host(flat(a))
-        for b, d in zip(bufs, d_bufs, strict=True):
-            if b.size and not any(np.may_share_memory(a, b) for a in arrays):
-                d.copy_to_host(flat(b))
-        return rc
+        return empty(shape, dtype)
 
 
 BACKENDS = {name: CUDABackend(name) for name in ("cuda", "cudasim")}

@@ -32,6 +32,7 @@ from gradfuse.passes.distributed import DEFAULT_BUCKET_MB
 from gradfuse.passes.manager import run_pipeline
 from gradfuse.passes.optimizer import SGD, Adam
 from gradfuse.passes.precision import with_float
+from gradfuse.runtime.device import DeviceWeights
 from gradfuse.runtime.program import DEFAULT_CACHE, Program
 from gradfuse.stages import training_passes
 from gradfuse.state_dict import LoadResult, check_state
@@ -61,6 +62,8 @@ class CompiledModel:
         self._lr_dtype = lr[0].type.dtype.np if lr else np.dtype(np.float32)
         # f32 arrays for f64 inputs are widened (exact); the runtime refuses the other way (lossy)
         self._widen = {n for n, t in {**self.inputs, **self.targets}.items() if t.dtype is DType.f64}
+        if p._device and not isinstance(self.weights, DeviceWeights):
+            self.weights = DeviceWeights(self.weights)  # they stay in device memory between steps
 
     def kernel_report(self) -> str:
         """``compiled 40 kernels, reused 90`` over the predict and training programs."""
@@ -112,6 +115,12 @@ class CompiledModel:
         return {k: feeds[k] for k in names}
 
     def _run(self, program: Program, feeds: dict) -> list[np.ndarray]:
+        if isinstance(self.weights, DeviceWeights):
+            program.require_device()
+            feeds = {**self.weights.for_step(), **feeds}
+            out = program.run_checked(feeds) if self.check else program.run(feeds)
+            self.weights.updated(program.updates)
+            return out
         feeds = {**self.weights, **feeds}  # the program looks up the parameters and state it takes
         return program.run_checked(feeds) if self.check else program.run(feeds)
 

@@ -87,8 +87,11 @@ def test_random_fused_graphs_on_cudasim_match_the_interpreter(g, seed, tmp_path_
 # ---- training: the digits MLP takes the CPU's steps ---------------------------------------------
 def test_digits_mlp_trains_on_cudasim_as_on_the_cpu(example_model, tmp_path):
     """Two SGD+momentum steps at batch 4: the losses and the weights of the CUDA kernels (in the
-    simulator) within float32 tolerance of the CPU backend's."""
+    simulator) within float32 tolerance of the CPU backend's. The weights stay in device memory:
+    after the first step's upload, a step copies the batch and the learning rate across and the
+    outputs back (the loss, the prediction), nothing else."""
     import gradfuse as gf
+    from gradfuse.runtime.device import TRANSFERS
 
     model = example_model("digits_mlp")
     rng = np.random.default_rng(0)
@@ -97,7 +100,12 @@ def test_digits_mlp_trains_on_cudasim_as_on_the_cpu(example_model, tmp_path):
     runs = {}
     for target in ("cpu", "cudasim"):
         compiled = gf.compile(model, gf.SGD(momentum=0.9), cache_dir=str(tmp_path / target), target=target)
-        losses = [float(compiled.train_step(x, y, lr=0.1)) for _ in range(2)]
+        losses = [float(compiled.train_step(x, y, lr=0.1))]
+        before = TRANSFERS.copy()
+        losses.append(float(compiled.train_step(x, y, lr=0.1)))
+        if target == "cudasim":
+            outputs = len(compiled.train_program.graph.outputs)  # the loss, and the prediction for metrics
+            assert TRANSFERS - before == {"to_device": 3, "to_host": outputs}, TRANSFERS - before
         runs[target] = losses, {k: np.copy(v) for k, v in compiled.weights.items()}
     (cpu_losses, cpu_weights), (sim_losses, sim_weights) = runs["cpu"], runs["cudasim"]
     np.testing.assert_allclose(sim_losses, cpu_losses, rtol=1e-5)
