@@ -44,6 +44,7 @@ from .targets import TARGETS
 loop_count = count
 
 MAX_BLOCKS = 1024
+SHUFFLED = {"f32", "f64", "i32", "i64"}  # the types cuda.shfl_*_sync moves (not bool)
 
 
 def missing_lowering(op: OpDef) -> str | None:
@@ -115,8 +116,9 @@ def _index(index) -> str:
 class CudaKernelPrinter:
     """Prints kernel ``k``'s phases as ``@cuda.jit`` functions and the launches of them."""
 
-    def __init__(self, k: Kernel, block: int, tile: int = 16, max_blocks: int = 1024):
+    def __init__(self, k: Kernel, block: int, tile: int = 16, max_blocks: int = 1024, warp: int = 0):
         self.k, self.block, self.tile, self.max_blocks = k, block, tile, max_blocks
+        self.warp = warp  # lanes per warp for shuffle reductions; 0: shared-memory trees only (the simulator)
         body = kernel_body(k)
         self.scratch = [s for s in body if isinstance(s, Scratch)]  # top-level: device arrays
         self.phases = phases(body)
@@ -306,11 +308,14 @@ class CudaKernelPrinter:
         w(f"_flat += {self.block}")
         w.dedent()
         for r in f.reductions:
-            self.block_reduce(r.acc, r.combine, r.ctor)
+            self.block_reduce(r.acc, r.combine, r.ctor, r.identity)
         w("cuda.syncthreads()")
 
-    def block_reduce(self, acc: str, combine: str, ctor: str) -> None:
-        """``acc`` combined over the block's threads (a tree in shared memory), in every thread."""
+    def block_reduce(self, acc: str, combine: str, ctor: str, identity: str) -> None:
+        """``acc`` combined over the block's threads, in every thread: by warp shuffles where the
+        printer has warps, else as a tree in shared memory."""
+        if self.warp and ctor in SHUFFLED and self.block % self.warp == 0 and self.block // self.warp <= self.warp:
+            return self.shuffle_reduce(acc, combine, ctor, identity)
         w = self.w
         sh = f"red_{ctor}"
         self._shared[sh] = (self.block, ctor)
@@ -324,6 +329,30 @@ class CudaKernelPrinter:
         w("    cuda.syncthreads()")
         w("    _half //= 2")
         w(f"{acc} = {sh}[0]")
+        w("cuda.syncthreads()")
+
+    def shuffle_reduce(self, acc: str, combine: str, ctor: str, identity: str) -> None:
+        """Each warp combines its lanes with ``shfl_down`` (lane 0 ends with the warp's value),
+        the warps' values meet in shared memory, and every warp combines those the same way and
+        broadcasts lane 0's: all threads take the same path (no thread waits on a branch)."""
+        w, lanes, warps = self.w, self.warp, self.block // self.warp
+        sh = f"warp_{ctor}"
+        self._shared[sh] = (warps, ctor)
+        mask = f"0x{(1 << lanes) - 1:x}" if lanes < 32 else "0xffffffff"
+
+        def within_warp():
+            w(f"_off = {lanes // 2}")
+            w("while _off > 0:")  # every lane shuffles once per step, outside the combine's branches
+            w(f"    _from_{ctor} = cuda.shfl_down_sync({mask}, {acc}, _off)")
+            w(f"    {acc} = {combine.format(a=acc, b=f'_from_{ctor}')}")
+            w("    _off //= 2")
+        within_warp()
+        w(f"if cuda.threadIdx.x % {lanes} == 0:")
+        w(f"    {sh}[cuda.threadIdx.x // {lanes}] = {acc}")
+        w("cuda.syncthreads()")
+        w(f"{acc} = {sh}[cuda.threadIdx.x % {lanes}] if cuda.threadIdx.x % {lanes} < {warps} else {identity}")
+        within_warp()
+        w(f"{acc} = cuda.shfl_sync({mask}, {acc}, 0)")
         w("cuda.syncthreads()")
 
     def rows(self, f: For, tail: list) -> None:
@@ -362,7 +391,7 @@ class CudaKernelPrinter:
         w("_flat += cuda.gridsize(1)")
         w.dedent()
         for r in f.reductions:
-            self.block_reduce(r.acc, r.combine, r.ctor)
+            self.block_reduce(r.acc, r.combine, r.ctor, r.identity)
         if tail:
             w("if cuda.threadIdx.x == 0:")
             w.indent()
@@ -418,7 +447,7 @@ def fill(a, value):
 
 
 def print_module(prog: KernelProgram, block: int = 256, in_place: frozenset[str] = frozenset(), tile: int = 16,
-                 max_blocks: int = MAX_BLOCKS) -> str:
+                 max_blocks: int = MAX_BLOCKS, warp: int = 32) -> str:
     """The program as a module of ``@cuda.jit`` kernels and a Python ``step`` launching them."""
     g = prog.graph
     kernels, step = Writer(), Writer()
@@ -426,7 +455,7 @@ def print_module(prog: KernelProgram, block: int = 256, in_place: frozenset[str]
     for k in prog.kernels:
         if is_host(k):
             continue
-        kp = CudaKernelPrinter(k, block, tile, max_blocks)
+        kp = CudaKernelPrinter(k, block, tile, max_blocks, warp)
         printers.append(kp)
         kp.kernels(kernels)
     args = [arr(v) for _, v in g.args]
@@ -497,13 +526,16 @@ class CUDABackend:
     """The runtime's view of the CUDA backend (``cuda`` on a GPU, ``cudasim`` in Numba's
     simulator): the step takes device arrays; ``call`` moves a run's arrays across."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, block: int | None = None, warp: int | None = None):
         self.name = name
         self.target = TARGETS[name]
         # the simulator runs each thread as a Python thread (~165 us each): a few threads per block
-        # and a few blocks still take every path (strided rows, tree reductions, grid-stride loops)
+        # and a few blocks still take every path (strided rows, tree reductions, grid-stride loops);
+        # it has no warp shuffles, so its reductions are shared-memory trees
         sim = name == "cudasim"
         self.block, self.tile, self.max_blocks = (4, 8, 4) if sim else (256, 16, MAX_BLOCKS)
+        self.block = block or self.block
+        self.warp = warp if warp is not None else 0 if sim else 32
 
     @staticmethod
     def missing_lowering(op: OpDef) -> str | None:
@@ -525,7 +557,7 @@ class CUDABackend:
                                     "--target cpu, or --target cudasim to run the CUDA kernels in Numba's simulator")
 
     def print_module(self, prog: KernelProgram, in_place: frozenset[str] = frozenset()) -> str:
-        return print_module(prog, self.block, in_place, self.tile, self.max_blocks)
+        return print_module(prog, self.block, in_place, self.tile, self.max_blocks, self.warp)
 
     def load(self, source: str, cache_dir: str, stem: str):
         """Import the module (no GPU needed: ``cuda.jit`` compiles at the first launch, and the
@@ -561,7 +593,7 @@ class CUDABackend:
         return arr(v)
 
     def kernel_arguments(self, k: Kernel) -> list[str]:
-        return CudaKernelPrinter(k, self.block, self.tile, self.max_blocks).signature()
+        return CudaKernelPrinter(k, self.block, self.tile, self.max_blocks, self.warp).signature()
 
     @staticmethod
     def unwritten(k: Kernel, prog: KernelProgram):

@@ -72,7 +72,11 @@ def _with_costs(source: str, prog) -> str:
         path = os.path.join(tmp, "gfcuda_show.py")
         with open(path, "w") as f:
             f.write(source)
-        costs = ptx.costs(CPUBackend.import_file(path), kernel_types(prog))
+        try:
+            costs = ptx.costs(CPUBackend.import_file(path), kernel_types(prog))
+        except (ImportError, OSError, RuntimeError) as e:  # NVVM or nvJitLink missing: the cuda extra
+            raise GradfuseError(f"--target cuda: each kernel's PTX and its cost need NVVM and nvJitLink from the "
+                                f"CUDA wheels (pip install 'gradfuse[cuda]'): {str(e).splitlines()[0]}") from None
     arch = f"sm_{ptx.CC[0]}{ptx.CC[1]}"
     version = ptx.ptx_version(next(iter(costs.values()))[0]) if costs else "?"
     lines = source.splitlines()

@@ -115,10 +115,11 @@ class Program:
         self._device_ready = False
 
     @classmethod
-    def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, target: str = "cpu") -> Program:
-        """Lower ``graph`` (fused and planned) for ``target`` and load its module from the backend."""
+    def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, target: str = "cpu", backend=None) -> Program:
+        """Lower ``graph`` (fused and planned) for ``target`` and load its module from the backend
+        (``backend``: one configured otherwise than the target's, e.g. another block size)."""
         start = time.perf_counter()
-        backend = get_backend(target)
+        backend = backend or get_backend(target)
         kernels = lower(graph, target)
         in_place = in_place_updates(graph, 256, target)
         source = backend.print_module(kernels, in_place)  # `step` in Python, `checked_step` for one_dispatch

@@ -112,3 +112,105 @@ def test_digits_mlp_trains_on_cudasim_as_on_the_cpu(example_model, tmp_path):
     assert cpu_losses[1] < cpu_losses[0]
     for name, w in cpu_weights.items():
         np.testing.assert_allclose(sim_weights[name], w, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+# ---- warp shuffles: the GPU's block reductions, in the simulator ------------------------------------
+class _Warps:
+    """``cuda.shfl_down_sync`` and ``cuda.shfl_sync`` for the simulator, which has none: the
+    lanes of a warp of ``LANES`` threads exchange values through the block (every thread of the
+    block calls them, as the printed reductions do), with the hardware's rule that a lane reading
+    past the warp's end gets its own value."""
+
+    LANES = 4
+
+    def _exchange(self, value, source):
+        me = self.threadIdx.x
+        board = self.__dict__.setdefault("_board", {})
+        board[me] = value
+        self.syncthreads()
+        src = source(me)
+        got = board[src] if src // self.LANES == me // self.LANES else value
+        self.syncthreads()
+        return got
+
+    def shfl_down_sync(self, mask, value, delta):
+        return self._exchange(value, lambda me: me + delta)
+
+    def shfl_sync(self, mask, value, lane):
+        return self._exchange(value, lambda me: me - me % self.LANES + lane)
+
+
+@pytest.fixture
+def simulated_warps(monkeypatch):
+    from numba.cuda.simulator import kernelapi
+
+    for name in ("_exchange", "shfl_down_sync", "shfl_sync"):
+        monkeypatch.setattr(kernelapi.FakeCUDAModule, name, getattr(_Warps, name), raising=False)
+    monkeypatch.setattr(kernelapi.FakeCUDAModule, "LANES", _Warps.LANES, raising=False)
+
+
+def test_warp_shuffle_reductions_match_the_interpreter(simulated_warps, tmp_path):
+    """The row kernels (softmax, layer norm, cross-entropy and its gradient, sums over the batch)
+    printed as the GPU gets them, reductions by warp shuffles then shared memory across warps:
+    blocks of 8 threads in warps of 4 take both stages."""
+    from gradfuse.codegen.cuda import CUDABackend
+
+    unfused, _ = scenarios_graph()
+    g, _ = fuse(unfused, batch=256, target="cudasim")
+    prog = Program.compile(g, str(tmp_path), backend=CUDABackend("cudasim", block=8, warp=_Warps.LANES))
+    assert "cuda.shfl_down_sync(0xf, " in prog.source and "red_f32" not in prog.source
+    ref, got, _ = run_both(g, prog, scenario_feeds(g, 3))
+    for v, want, out in zip(g.outputs, ref.outputs, got, strict=True):
+        assert_matches(np.asarray(out), want, v.name.split(".")[-1], f"%{v.name} with warp shuffles")
+
+
+def test_device_arrays_are_checked_before_any_launch(tmp_path):
+    """A device array of the wrong shape or dtype is refused in words, as a host array is; one of
+    the right type runs where it is, and a host array is moved across and back."""
+    from numba import cuda
+
+    from gradfuse.errors import InputError
+    from gradfuse.ir.graph import ArgKind, GraphBuilder
+    from gradfuse.ir.types import DType, TensorType
+    from gradfuse.runtime.device import TRANSFERS
+
+    b = GraphBuilder("scale")
+    xv = b.arg("x", TensorType(DType.f32, ("N", 3)), exact=True)
+    wv = b.arg("w", TensorType(DType.f32, (3,)), ArgKind.param, exact=True)
+    g = b.finish(b.emit("mul", [xv, wv]))
+    prog = Program.compile(g, str(tmp_path), target="cudasim")
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    w = np.array([1, 2, 3], np.float32)
+    before = TRANSFERS.copy()
+    (y,) = prog.run({"x": x, "w": cuda.to_device(w)})
+    np.testing.assert_array_equal(y, x * w)
+    assert TRANSFERS - before == {"to_device": 1, "to_host": 1}  # x across, y back; w stayed
+    for bad, says in [(cuda.to_device(np.ones(4, np.float32)), r"%w \(param\) expects f32\[3\], got a device array"),
+                      (cuda.to_device(np.ones(3, np.float64)), r"expects f32\[3\], got a device array float64")]:
+        with pytest.raises(InputError, match=says):
+            prog.run({"x": x, "w": bad})
+
+
+def test_the_command_line_trains_and_runs_on_cudasim(example_model, tmp_path, capsys):
+    """`gradfuse train --target cudasim -o DIR` on a tiny data file, then `gradfuse run DIR`: the
+    artifact's predictions are the CPU backend's for the same weights."""
+    import gradfuse as gf
+    from gradfuse.cli import main
+
+    from test_cli import MLP
+
+    rng = np.random.default_rng(1)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, x_train=rng.standard_normal((4, 64)).astype(np.float32), y_train=rng.integers(0, 10, 4),
+             x_test=rng.standard_normal((2, 64)).astype(np.float32), y_test=rng.integers(0, 10, 2))
+    art, x, y = tmp_path / "art", tmp_path / "x.npy", tmp_path / "y.npy"
+    assert main(["train", MLP, "--target", "cudasim", "--data", str(data), "--epochs", "1", "--batch-size", "4",
+                 "-o", str(art)]) == 0
+    assert "wrote the trained model to" in capsys.readouterr().out
+    np.save(x, rng.standard_normal((2, 64)).astype(np.float32))
+    assert main(["run", str(art), "--input", str(x), "--output", str(y)]) == 0
+    trained = gf.load(str(art))
+    assert trained.predict_program.backend.name == "cudasim"
+    cpu = gf.compile(example_model("digits_mlp"), cache_dir=str(tmp_path / "cpu"))
+    cpu.load_state_dict(trained.state_dict())
+    np.testing.assert_allclose(np.load(y), cpu.predict(np.load(x)), rtol=1e-5, atol=1e-6)
