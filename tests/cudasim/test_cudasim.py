@@ -194,10 +194,10 @@ def test_device_arrays_are_checked_before_any_launch(tmp_path):
 def test_the_command_line_trains_and_runs_on_cudasim(example_model, tmp_path, capsys):
     """`gradfuse train --target cudasim -o DIR` on a tiny data file, then `gradfuse run DIR`: the
     artifact's predictions are the CPU backend's for the same weights."""
+    from test_cli import MLP
+
     import gradfuse as gf
     from gradfuse.cli import main
-
-    from test_cli import MLP
 
     rng = np.random.default_rng(1)
     data = tmp_path / "tiny.npz"
