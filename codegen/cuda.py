@@ -358,46 +358,40 @@ class CudaKernelPrinter:
     def rows(self, f: For, tail: list) -> None:
         """One block per iteration of ``f`` (grid-stride over blocks); a reducing ``f`` runs in
         one block, whose accumulators are uniform across its threads."""
-        w = self.w
-        for r in f.reductions:
-            w(f"{r.acc} = {r.identity}")
-        w("_row = cuda.blockIdx.x")
-        w(f"while _row < {count(f.extents)}:")
-        w.indent()
-        self._unravel(f, "_row")
-        self.stmts(f.body, threads="cuda.threadIdx.x")
-        self._combine(f)
-        w("cuda.syncthreads()")
-        w("_row += cuda.gridDim.x")
-        w.dedent()
-        if tail:
-            w("if cuda.threadIdx.x == 0:")
-            w.indent()
-            self.stmts(tail)
-            w("pass")
-            w.dedent()
+        self._grid_stride(f, "_row", "cuda.blockIdx.x", "cuda.gridDim.x", threads="cuda.threadIdx.x")
+        self._on_thread_0(tail)
 
     def flat(self, f: For, tail: list) -> None:
         """One thread per iteration; a reducing ``f`` runs in one block and reduces across it."""
+        self._grid_stride(f, "_flat", "cuda.grid(1)", "cuda.gridsize(1)")
+        for r in f.reductions:
+            self.block_reduce(r.acc, r.combine, r.ctor, r.identity)
+        self._on_thread_0(tail)
+
+    def _grid_stride(self, f: For, var: str, start: str, step: str, threads: str | None = None) -> None:
+        """``f``'s iterations from ``start`` by ``step`` (a block's rows: its threads share each
+        one, with a barrier before the next)."""
         w = self.w
         for r in f.reductions:
             w(f"{r.acc} = {r.identity}")
-        w("_flat = cuda.grid(1)")
-        w(f"while _flat < {count(f.extents)}:")
+        w(f"{var} = {start}")
+        w(f"while {var} < {count(f.extents)}:")
         w.indent()
-        self._unravel(f, "_flat")
-        self.stmts(f.body)
+        self._unravel(f, var)
+        self.stmts(f.body, threads=threads)
         self._combine(f)
-        w("_flat += cuda.gridsize(1)")
+        if threads is not None:
+            w("cuda.syncthreads()")
+        w(f"{var} += {step}")
         w.dedent()
-        for r in f.reductions:
-            self.block_reduce(r.acc, r.combine, r.ctor, r.identity)
+
+    def _on_thread_0(self, tail: list) -> None:
         if tail:
-            w("if cuda.threadIdx.x == 0:")
-            w.indent()
+            self.w("if cuda.threadIdx.x == 0:")
+            self.w.indent()
             self.stmts(tail)
-            w("pass")
-            w.dedent()
+            self.w("pass")
+            self.w.dedent()
 
 
 # ---- the module -----------------------------------------------------------------------------

@@ -522,8 +522,10 @@ def cmd_bench(args) -> int:
         from gradfuse.codegen.targets import get_backend
 
         get_backend("cuda").require()  # no GPU here: says so
-        raise GradfuseError("bench --target cuda is not written yet: the CUDA figures come from "
-                            "scripts/device_check.sh on a GPU machine")
+        from gradfuse.bench import write_results
+        from gradfuse.bench_cuda import main as bench_cuda
+
+        return write_results(bench_cuda(args.quick), args.json)
     return bench(args.only, args.json, args.quick)
 
 

@@ -48,11 +48,12 @@ def empty(shape: tuple, dtype):
     return cuda.device_array(device_shape(shape), dtype)
 
 
-def run_step(step, launch, arrays: list, written: list[bool]) -> list[np.ndarray] | None:
+def run_step(step, launch, arrays: list, written: list[bool], host_outputs: bool = True) -> list | None:
     """Run a device ``step`` once: host arguments go across (and those it updates come back, so
     a caller passing numpy arrays sees them updated as on the CPU); device arguments stay where
     they are. The memory-plan arena (``launch.buffers``) is device memory already; outputs are
-    copied to the host once, at the end (that copy waits for the kernels)."""
+    copied to the host once, at the end (that copy waits for the kernels), or left on the device
+    (``host_outputs=False``: an output that is an argument is that argument's device array)."""
     device = [a if on_device(a) else to_device(a) for a in arrays]
     bufs = launch.buffers.copy()
     for at, shape, dtype in launch.fresh:
@@ -66,6 +67,8 @@ def run_step(step, launch, arrays: list, written: list[bool]) -> list[np.ndarray
         if w and d is not a and a.size:
             TRANSFERS["to_host"] += 1
             d.copy_to_host(a.reshape(device_shape(a.shape)))
+    if not host_outputs:
+        return [bufs[at] if at is not None else device[arg] for at, arg in launch.outputs]
     shapes = {at: shape for at, shape, _ in launch.fresh}
     outs = []
     for at, arg in launch.outputs:

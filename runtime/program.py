@@ -279,6 +279,18 @@ class Program:
             launch = self._launches[tuple(sizes.items())] = self._launch(sizes)
         return self._call(self.module.step, launch, arrays)
 
+    def run_on_device(self, feeds: Mapping[str, object]) -> list:
+        """:meth:`run` on a device program, its outputs left in device memory (for work that
+        continues on the GPU, and for timing the kernels without the copy back)."""
+        if not self._device:
+            raise InputError(f"@{self.graph.name} runs on the CPU: use run()")
+        sizes, arrays = self.bind(feeds)
+        launch = self._launches.get(tuple(sizes.items()))
+        if launch is None:
+            launch = self._launches[tuple(sizes.items())] = self._launch(sizes)
+        self.require_device()
+        return run_step(self.module.step, launch, arrays, self._written, host_outputs=False)
+
     def _call(self, step, launch: _Launch, arrays: list[np.ndarray]) -> list[np.ndarray] | None:
         if self._device:
             self.require_device()

@@ -85,7 +85,13 @@ def test_random_fused_graphs_on_cudasim_match_the_interpreter(g, seed, tmp_path_
 
 
 # ---- training: the digits MLP takes the CPU's steps ---------------------------------------------
-def test_digits_mlp_trains_on_cudasim_as_on_the_cpu(example_model, tmp_path):
+@pytest.fixture(scope="module")
+def cpu_cache(tmp_path_factory):
+    """One kernel cache for the CPU side of the digits comparisons: Numba compiles them once."""
+    return str(tmp_path_factory.mktemp("cpu"))
+
+
+def test_digits_mlp_trains_on_cudasim_as_on_the_cpu(example_model, tmp_path, cpu_cache):
     """Two SGD+momentum steps at batch 4: the losses and the weights of the CUDA kernels (in the
     simulator) within float32 tolerance of the CPU backend's. The weights stay in device memory:
     after the first step's upload, a step copies the batch and the learning rate across and the
@@ -99,7 +105,8 @@ def test_digits_mlp_trains_on_cudasim_as_on_the_cpu(example_model, tmp_path):
     y = rng.integers(0, 10, 4).astype(np.int64)
     runs = {}
     for target in ("cpu", "cudasim"):
-        compiled = gf.compile(model, gf.SGD(momentum=0.9), cache_dir=str(tmp_path / target), target=target)
+        cache = cpu_cache if target == "cpu" else str(tmp_path / target)
+        compiled = gf.compile(model, gf.SGD(momentum=0.9), cache_dir=cache, target=target)
         losses = [float(compiled.train_step(x, y, lr=0.1))]
         before = TRANSFERS.copy()
         losses.append(float(compiled.train_step(x, y, lr=0.1)))
@@ -191,7 +198,7 @@ def test_device_arrays_are_checked_before_any_launch(tmp_path):
             prog.run({"x": x, "w": bad})
 
 
-def test_the_command_line_trains_and_runs_on_cudasim(example_model, tmp_path, capsys):
+def test_the_command_line_trains_and_runs_on_cudasim(example_model, tmp_path, capsys, cpu_cache):
     """`gradfuse train --target cudasim -o DIR` on a tiny data file, then `gradfuse run DIR`: the
     artifact's predictions are the CPU backend's for the same weights."""
     from test_cli import MLP
@@ -211,6 +218,18 @@ def test_the_command_line_trains_and_runs_on_cudasim(example_model, tmp_path, ca
     assert main(["run", str(art), "--input", str(x), "--output", str(y)]) == 0
     trained = gf.load(str(art))
     assert trained.predict_program.backend.name == "cudasim"
-    cpu = gf.compile(example_model("digits_mlp"), cache_dir=str(tmp_path / "cpu"))
+    cpu = gf.compile(example_model("digits_mlp"), gf.SGD(momentum=0.9), cache_dir=cpu_cache)
     cpu.load_state_dict(trained.state_dict())
     np.testing.assert_allclose(np.load(y), cpu.predict(np.load(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_the_gpu_benchmarks_run_on_tiny_shapes():
+    """`bench --target cuda`'s code on the simulator, shapes a few elements wide (its timings
+    mean nothing here; on a GPU the same functions print the figures)."""
+    from gradfuse import bench_cuda
+
+    rows = bench_cuda.mlp_train(4, (8, 6, 3), min_s=0.01, compile_torch=False, target="cudasim")
+    rows += bench_cuda.mlp_inference(1, (8, 6, 3), min_s=0.01, target="cudasim")
+    rows += bench_cuda.gelu_layernorm(4, 8, min_s=0.01, target="cudasim", copy_bytes=64)
+    assert [r.implementation for r in rows] == ["gradfuse"] * 3 + ["HBM bandwidth (device copy)"]
+    assert all(r.seconds > 0 for r in rows) and "TFLOP/s" in rows[0].note and "GB/s measured" in rows[-1].note
