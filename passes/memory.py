@@ -17,6 +17,7 @@ keeps the one with the smallest arena, saying which updates it gave up and why.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -443,8 +444,26 @@ class _Scheduler:
         for v, us in f.users.items():
             self.readers.setdefault(f.source(v), set()).update(f.unit_of[u] for u in us)
         self.created = {i: [v for n in u for v in n.outputs if f.stored(v)] for i, u in enumerate(steps)}
-        self.reads = {i: {src for src, rs in self.readers.items() if i in rs} for i in range(len(steps))}
+        self.reads: dict[int, set[Value]] = {i: set() for i in range(len(steps))}
+        for src, rs in self.readers.items():
+            for i in rs:
+                self.reads[i].add(src)
         self.stored = {src for vs in self.created.values() for src in vs}
+        self.updaters: dict[Value, set[int]] = {}  # an updated argument -> the steps writing its new value
+        for i, vs in self.created.items():
+            for v in vs:
+                if v in f.update_of:
+                    self.updaters.setdefault(f.update_of[v], set()).add(i)
+        self.after: list[list[int]] = [[] for _ in steps]  # the steps depending on each
+        for i, d in self.deps.items():
+            for j in d:
+                self.after[j].append(i)
+        self.n_readers = {src: len(rs) for src, rs in self.readers.items()}
+        # what ``order`` scores a step by: the bytes it writes (with the argument each update writes,
+        # and whether the step reads that argument itself) and the bytes it may free
+        self.grows = [[(f.nbytes(v), f.update_of.get(v), int(i in self.readers.get(f.update_of.get(v), ())))
+                       for v in self.created[i]] for i in range(len(steps))]
+        self.frees = [[(src, f.nbytes(src)) for src in self.reads[i] if src not in f.to_end] for i in range(len(steps))]
 
     def writer(self, update: tuple[Value, Value]) -> int | None:
         p = self.facts.producer.get(update[1])
@@ -482,54 +501,59 @@ class _Scheduler:
     def order(self, keep: list[tuple[Value, Value]], war: dict[tuple[Value, Value], list[tuple[int, int]]]
               ) -> tuple[list[int], tuple[int, int]]:
         """The order, and its estimated cost: (most bytes live, minus the updates in place)."""
-        f, n = self.facts, len(self.steps)
-        deps = {i: set(d) for i, d in self.deps.items()}
-        for upd in keep:
-            for r, w in war[upd]:
-                deps[w].add(r)
-        after: dict[int, list[int]] = {i: [] for i in range(n)}
-        for i, d in deps.items():
-            for j in d:
-                after[j].append(i)
-        waiting = {i: len(d) for i, d in deps.items()}
-        ready = {i for i, k in waiting.items() if k == 0}
-        pending = {src: set(rs) for src, rs in self.readers.items()}
+        n, grows, frees = len(self.steps), self.grows, self.frees
+        waiting = [len(self.deps[i]) for i in range(n)]
+        after = [list(a) for a in self.after]
+        for r, w in {e for upd in keep for e in war[upd] if e[0] not in self.deps[e[1]]}:
+            waiting[w] += 1
+            after[r].append(w)
+        pending = dict(self.n_readers)  # per storage source, its readers not done yet
         live: set[Value] = set()  # stored values written by the steps done
         order: list[int] = []
         now = peak = in_place = 0  # live bytes, their most, updates written after every reader
 
+        # a step not done is among the pending readers of what it reads: ``pending[src] - own`` counts the others
         def grown(i: int) -> int:
-            return sum(f.nbytes(v) for v in self.created[i]
-                       if v not in f.update_of or pending.get(f.update_of[v], set()) - {i})
+            return sum(b for b, arg, own in grows[i] if arg is None or pending.get(arg, 0) > own)
 
         def freed(i: int) -> int:
-            return sum(f.nbytes(v) for v in self.reads[i] if v in live and pending[v] == {i} and v not in f.to_end)
+            return sum(b for src, b in frees[i] if pending[src] == 1 and src in live)
 
         # each ready step's score, kept until a step done changes what it depends on: the pending
-        # readers of what it reads or of the argument it updates, or which of its operands are live
-        updating = {i: {f.update_of[v] for v in self.created[i] if v in f.update_of} for i in range(n)}
+        # readers of a live value it reads or of the argument it updates; the smallest (score, step)
+        # is the heap's first entry that is still current
+        ready = {i for i in range(n) if not waiting[i]}
         score = {i: grown(i) - freed(i) for i in ready}
+        heap = [(s, i) for i, s in score.items()]
+        heapq.heapify(heap)
         while ready:
-            best = min(ready, key=lambda i: (score[i], i))
+            s, best = heapq.heappop(heap)
+            if best not in ready or score[best] != s:
+                continue
             ready.remove(best)
             order.append(best)
-            in_place += sum(1 for v in self.created[best] if v in f.update_of
-                            and not pending.get(f.update_of[v], set()) - {best})
+            in_place += sum(1 for _, arg, own in grows[best] if arg is not None and pending.get(arg, 0) <= own)
             now += grown(best)
             peak = max(peak, now)
             now -= freed(best)
             for src in self.reads[best]:
-                pending[src].discard(best)
+                pending[src] -= 1
             live.update(v for v in self.created[best] if v in pending)
-            changed = self.reads[best].union(self.created[best])
-            for i in ready:
-                if not changed.isdisjoint(self.reads[i]) or not updating[i].isdisjoint(self.reads[best]):
-                    score[i] = grown(i) - freed(i)
+            stale = set()  # the ready steps reading a live value it read or wrote, or updating what it read
+            for src in self.reads[best]:
+                if src in live:
+                    stale.update(self.readers[src])
+                stale.update(self.updaters.get(src, ()))
+            for v in self.created[best]:
+                stale.update(self.readers.get(v, ()))
             for u in after[best]:
                 waiting[u] -= 1
                 if not waiting[u]:
                     ready.add(u)
-                    score[u] = grown(u) - freed(u)
+                    stale.add(u)
+            for i in stale.intersection(ready):
+                score[i] = grown(i) - freed(i)
+                heapq.heappush(heap, (score[i], i))
         assert len(order) == n, "the step dependencies have a cycle"
         return order, (peak, -in_place)
 
