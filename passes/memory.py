@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -352,7 +353,12 @@ class _Planner:
                 p = dataclasses.replace(p, offset=offsets[p.storage])
             values[v.name] = p
         steps = [Step(i, _step_name(u), u) for i, u in enumerate(self.order)]
-        lower = max((sum(b.nbytes for b in buffers if b.first <= i <= b.last) for i in range(len(steps))), default=0)
+        change = [0] * (len(steps) + 1)  # the bytes of buffers born minus those dead, at each step
+        for b in buffers:
+            if max(b.first, 0) <= min(b.last, len(steps) - 1):
+                change[max(b.first, 0)] += b.nbytes
+                change[min(b.last, len(steps) - 1) + 1] -= b.nbytes
+        lower = max(itertools.accumulate(change[:-1]), default=0)
         no_reuse = sum(p.nbytes for p in values.values() if p.kind in ("arena", "in_place"))
         updates = []
         for old, new in self.g.updates:
@@ -395,18 +401,33 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def _first_fit(buffers: list[Buffer], order: list[Buffer]) -> int:
-    placed: list[Buffer] = []
+def _first_fit(buffers: list[Buffer], order: list[Buffer], live_with: dict[int, list[Buffer]]) -> int:
+    placed: set[int] = set()
     for b in order:
-        busy = sorted((p for p in placed if p.live_with(b) and p.nbytes), key=lambda p: p.offset)
+        busy = sorted((p for p in live_with[id(b)] if id(p) in placed), key=lambda p: p.offset)
         offset = 0
         for p in busy:
-            if offset + b.nbytes <= p.offset or not b.nbytes:
+            if offset + b.nbytes <= p.offset:
                 break
             offset = max(offset, _align(p.offset + p.nbytes))
         b.offset = offset
-        placed.append(b)
+        placed.add(id(b))
     return max((b.offset + b.nbytes for b in buffers), default=0)
+
+
+def _live_with(buffers: list[Buffer]) -> dict[int, list[Buffer]]:
+    """For each buffer (by id), the other buffers of some bytes live at a common step (none for an
+    empty buffer, which goes at offset 0): a sweep in order of birth."""
+    out: dict[int, list[Buffer]] = {id(b): [] for b in buffers}
+    by_first = sorted((b for b in buffers if b.nbytes), key=lambda b: b.first)
+    for i, a in enumerate(by_first):
+        for c in by_first[i + 1:]:
+            if c.first > a.last:
+                break
+            if a.live_with(c):
+                out[id(a)].append(c)
+                out[id(c)].append(a)
+    return out
 
 
 def assign_offsets(buffers: list[Buffer]) -> int:
@@ -416,9 +437,10 @@ def assign_offsets(buffers: list[Buffer]) -> int:
     orders = [sorted(buffers, key=lambda b: (-b.nbytes, b.first, b.name)),
               sorted(buffers, key=lambda b: (-(b.last - b.first), -b.nbytes, b.first)),
               sorted(buffers, key=lambda b: (b.first, -b.nbytes))]
+    live_with = _live_with(buffers)
     best, best_peak = None, None
     for order in orders:
-        peak = _first_fit(buffers, order)
+        peak = _first_fit(buffers, order, live_with)
         if best_peak is None or peak < best_peak:
             best, best_peak = {b.name: b.offset for b in buffers}, peak
     for b in buffers:
