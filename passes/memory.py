@@ -35,6 +35,7 @@ from .manager import Pass, PassResult, register_pass
 
 ALIGN = 64  # bytes; every arena offset is a multiple
 MAX_TRIALS = 256  # schedules the search may try, at most (each costs one greedy ordering)
+CHECKPOINT = 32  # steps between the scheduler's snapshots of its state
 
 
 @dataclass(frozen=True)
@@ -520,19 +521,29 @@ class _Scheduler:
                     out[upd].append((r, w))
         return out
 
-    def order(self, keep: list[tuple[Value, Value]], war: dict[tuple[Value, Value], list[tuple[int, int]]]
-              ) -> tuple[list[int], tuple[int, int]]:
-        """The order, and its estimated cost: (most bytes live, minus the updates in place)."""
+    def order(self, keep: list[tuple[Value, Value]], war: dict[tuple[Value, Value], list[tuple[int, int]]],
+              like: _Order | None = None) -> _Order:
+        """The greedy order keeping the write-after-read edges of the updates in ``keep``, and its
+        estimated cost. ``like``: an order made with other edges, whose first steps this one shares
+        up to the first step whose readiness the edges change: the run resumes from its checkpoint
+        there (a local search toggles one update at a time: most of an order is shared)."""
         n, grows, frees = len(self.steps), self.grows, self.frees
+        edges = {e for upd in keep for e in war[upd] if e[0] not in self.deps[e[1]]}
         waiting = [len(self.deps[i]) for i in range(n)]
-        after = [list(a) for a in self.after]
-        for r, w in {e for upd in keep for e in war[upd] if e[0] not in self.deps[e[1]]}:
+        also: dict[int, list[int]] = {}  # the steps waiting for each besides self.after's
+        for r, w in edges:
             waiting[w] += 1
-            after[r].append(w)
-        pending = dict(self.n_readers)  # per storage source, its readers not done yet
-        live: set[Value] = set()  # stored values written by the steps done
-        order: list[int] = []
-        now = peak = in_place = 0  # live bytes, their most, updates written after every reader
+            also.setdefault(r, []).append(w)
+        if like is None:  # per storage source, its readers not done yet; the stored values written
+            checkpoints = [(dict(self.n_readers), set(), 0, 0, 0)]
+        else:
+            checkpoints = like.checkpoints[:self._shared(like, edges) // CHECKPOINT + 1]
+        order = like.steps[:(len(checkpoints) - 1) * CHECKPOINT] if like is not None else []
+        pending, live, now, peak, in_place = checkpoints[-1]  # live bytes, their most, updates in place
+        pending, live = dict(pending), set(live)
+        for i in order:
+            for u in (*self.after[i], *also.get(i, ())):
+                waiting[u] -= 1
 
         # a step not done is among the pending readers of what it reads: ``pending[src] - own`` counts the others
         def grown(i: int) -> int:
@@ -544,11 +555,14 @@ class _Scheduler:
         # each ready step's score, kept until a step done changes what it depends on: the pending
         # readers of a live value it reads or of the argument it updates; the smallest (score, step)
         # is the heap's first entry that is still current
-        ready = {i for i in range(n) if not waiting[i]}
+        done = set(order)
+        ready = {i for i in range(n) if not waiting[i] and i not in done}
         score = {i: grown(i) - freed(i) for i in ready}
         heap = [(s, i) for i, s in score.items()]
         heapq.heapify(heap)
         while ready:
+            if len(order) == len(checkpoints) * CHECKPOINT:
+                checkpoints.append((dict(pending), set(live), now, peak, in_place))
             s, best = heapq.heappop(heap)
             if best not in ready or score[best] != s:
                 continue
@@ -568,7 +582,7 @@ class _Scheduler:
                 stale.update(self.updaters.get(src, ()))
             for v in self.created[best]:
                 stale.update(self.readers.get(v, ()))
-            for u in after[best]:
+            for u in (*self.after[best], *also.get(best, ())):
                 waiting[u] -= 1
                 if not waiting[u]:
                     ready.add(u)
@@ -577,7 +591,36 @@ class _Scheduler:
                 score[i] = grown(i) - freed(i)
                 heapq.heappush(heap, (score[i], i))
         assert len(order) == n, "the step dependencies have a cycle"
-        return order, (peak, -in_place)
+        return _Order(order, (peak, -in_place), edges, checkpoints)
+
+    def _shared(self, like: _Order, edges: set[tuple[int, int]]) -> int:
+        """How many first steps the order with write-after-read ``edges`` has in common with ``like``
+        for sure: until ``like`` runs a step that now waits for a later one, or a step may be
+        ready sooner. Before that the ready steps are the same but for ones the greedy did not pick."""
+        pos = {s: t for t, s in enumerate(like.steps)}
+        shared = len(pos)
+        for r, w in edges - like.edges:
+            if pos[r] > pos[w]:
+                shared = min(shared, pos[w])
+        def ready_at(w: int, es: set[tuple[int, int]]) -> int:
+            return 1 + max([pos[d] for d in self.deps[w]] + [pos[r] for r, x in es if x == w], default=-1)
+
+        for w in {w for _, w in like.edges - edges}:
+            if ready_at(w, edges) < ready_at(w, like.edges):
+                shared = min(shared, ready_at(w, edges))
+        return shared
+
+
+@dataclass
+class _Order:
+    """A greedy schedule: the steps in order, its cost (most bytes live, minus the updates in place),
+    the write-after-read edges it kept, and its state every ``CHECKPOINT`` steps (pending readers,
+    live values, live bytes, their most, updates in place) for orders that share its first steps."""
+
+    steps: list[int]
+    cost: tuple[int, int]
+    edges: set[tuple[int, int]]
+    checkpoints: list[tuple[dict, set, int, int, int]]
 
 
 def _reaches(deps: dict[int, set[int]], a: int, b: int) -> bool:
@@ -625,23 +668,23 @@ def plan_memory(g: Graph, batch: int = 256, reorder: bool = True, sizes: Mapping
         sched = _Scheduler(g, bindings, steps, target)
         updates = sched.constraining()
         war = sched.war_edges(updates)
-        plans.append(plan(sched.order(updates, war)[0], "memory-aware order keeping updates in place"))
+        plans.append(plan(sched.order(updates, war).steps, "memory-aware order keeping updates in place"))
         always = [u for u in updates if not sched.worth_relaxing(u)]
         free = [u for u in updates if sched.worth_relaxing(u)]
         trials = MAX_TRIALS
         for start in (free, []):  # local search from both ends: give up or restore one order at a time
             keep = list(start)
-            best, cost = sched.order(always + keep, war)
+            best = sched.order(always + keep, war)
             improved = True
             while improved and trials > 0:
                 improved = False
                 for upd in free[:trials]:
                     trials -= 1
                     trial_keep = [u for u in free if (u in keep) != (u is upd)]
-                    trial, trial_cost = sched.order(always + trial_keep, war)
-                    if trial_cost < cost:
-                        keep, best, cost, improved = trial_keep, trial, trial_cost, True
-            candidate = plan(best, "memory-aware order")
+                    trial = sched.order(always + trial_keep, war, like=best)
+                    if trial.cost < best.cost:
+                        keep, best, improved = trial_keep, trial, True
+            candidate = plan(best.steps, "memory-aware order")
             if all(_cost(candidate) != _cost(p) for p in plans):
                 plans.append(candidate)
     chosen = min(plans, key=_cost)
