@@ -602,6 +602,7 @@ class _Scheduler:
         for r, w in edges - like.edges:
             if pos[r] > pos[w]:
                 shared = min(shared, pos[w])
+
         def ready_at(w: int, es: set[tuple[int, int]]) -> int:
             return 1 + max([pos[d] for d in self.deps[w]] + [pos[r] for r, x in es if x == w], default=-1)
 
