@@ -14,7 +14,7 @@ one nest may run in parallel, the nests after it read what it wrote. Each phase 
   accumulate and reduce, then thread 0 runs the statements after the loop;
 - a loop whose iterations are not independent: accumulating stores become atomic adds; one that
   reads back what it overwrites (a max over leading axes) runs in one thread;
-- ``Gemm``: a shared-memory tiled GEMM kernel (the epilogue is the next phase).
+- ``Gemm``: a register-tiled shared-memory GEMM kernel (the epilogue is the next phase).
 
 0-d buffers travel as 1-element arrays. The runtime half (device arrays, copies) is
 :class:`CUDABackend`'s ``call``.
@@ -116,8 +116,9 @@ def _index(index) -> str:
 class CudaKernelPrinter:
     """Prints kernel ``k``'s phases as ``@cuda.jit`` functions and the launches of them."""
 
-    def __init__(self, k: Kernel, block: int, tile: int = 16, max_blocks: int = 1024, warp: int = 0):
-        self.k, self.block, self.tile, self.max_blocks = k, block, tile, max_blocks
+    def __init__(self, k: Kernel, block: int, tiles: GemmTiles | None = None, max_blocks: int = 1024,
+                 warp: int = 0):
+        self.k, self.block, self.tiles, self.max_blocks = k, block, tiles or GPU_TILES, max_blocks
         self.warp = warp  # lanes per warp for shuffle reductions; 0: shared-memory trees only (the simulator)
         body = kernel_body(k)
         self.scratch = [s for s in body if isinstance(s, Scratch)]  # top-level: device arrays
@@ -164,9 +165,9 @@ class CudaKernelPrinter:
         F = CTOR[out.dtype]
 
         def call(x, y, z, m, n, kk):
-            t = self.tile
+            t, side = self.tiles.tile, self.tiles.threads
             grid = f"((({n}) + {t - 1}) // {t}, (({m}) + {t - 1}) // {t})"
-            w(f"gemm_{F}[{grid}, ({t}, {t})]({x}, {y}, {z}, {m}, {n}, {kk}, {ta}, {tb})")
+            w(f"gemm_{F}[{grid}, ({side}, {side})]({x}, {y}, {z}, {m}, {n}, {kk}, {ta}, {tb})")
 
         kdim = at.shape[-2] if ta else at.shape[-1]
         if at.rank == 2 and bt.rank == 2:
@@ -407,26 +408,69 @@ f32, f64, i32, i64, b1 = np.float32, np.float64, np.int32, np.int64, np.bool_
 GEMM = '''
 @cuda.jit
 def gemm_{F}(a, b, c, m, n, k, ta, tb):
-    """c = op(a) @ op(b) in {T}x{T} tiles through shared memory."""
-    sa = cuda.shared.array(({T}, {T}), {F})
-    sb = cuda.shared.array(({T}, {T}), {F})
+    """c = op(a) @ op(b): a block computes a {BM}x{BN} tile of c through shared memory, {BK} deep
+    at a time; each of its {TX}x{TY} threads keeps {R}x{R} of the tile in registers, its rows and
+    columns strided by the block's shape (neighbouring threads touch neighbouring addresses)."""
+    sa = cuda.shared.array(({BK}, {BM}), {F})
+    sb = cuda.shared.array(({BK}, {BN}), {F})
+    acc = cuda.local.array(({R}, {R}), {F})
+    ra = cuda.local.array({R}, {F})
+    rb = cuda.local.array({R}, {F})
     tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    row = cuda.blockIdx.y * {T} + ty
-    col = cuda.blockIdx.x * {T} + tx
-    acc = {F}(0.0)
-    for t in range((k + {T} - 1) // {T}):
-        kk = t * {T} + tx
-        sa[ty, tx] = (a[kk, row] if ta else a[row, kk]) if row < m and kk < k else {F}(0.0)
-        kk = t * {T} + ty
-        sb[ty, tx] = (b[col, kk] if tb else b[kk, col]) if col < n and kk < k else {F}(0.0)
+    tid = ty * {TX} + tx
+    row0, col0 = cuda.blockIdx.y * {BM}, cuda.blockIdx.x * {BN}
+    for i in range({R}):
+        for j in range({R}):
+            acc[i, j] = {F}(0.0)
+    for t in range(0, k, {BK}):
+        for e in range(tid, {BK} * {BM}, {TX} * {TY}):  # op(a)[row0:+{BM}, t:+{BK}], read along memory
+            q, r = (e // {BM}, e % {BM}) if ta else (e % {BK}, e // {BK})
+            row, kk = row0 + r, t + q
+            sa[q, r] = (a[kk, row] if ta else a[row, kk]) if row < m and kk < k else {F}(0.0)
+        for e in range(tid, {BK} * {BN}, {TX} * {TY}):  # op(b)[t:+{BK}, col0:+{BN}]
+            q, cc = (e % {BK}, e // {BK}) if tb else (e // {BN}, e % {BN})
+            col, kk = col0 + cc, t + q
+            sb[q, cc] = (b[col, kk] if tb else b[kk, col]) if col < n and kk < k else {F}(0.0)
         cuda.syncthreads()
-        for q in range({T}):
-            acc += sa[ty, q] * sb[q, tx]
+        for q in range({BK}):
+            for i in range({R}):
+                ra[i] = sa[q, ty + i * {TY}]
+            for j in range({R}):
+                rb[j] = sb[q, tx + j * {TX}]
+            for i in range({R}):
+                for j in range({R}):
+                    acc[i, j] += ra[i] * rb[j]
         cuda.syncthreads()
-    if row < m and col < n:
-        c[row, col] = acc
+    for i in range({R}):
+        row = row0 + ty + i * {TY}
+        for j in range({R}):
+            col = col0 + tx + j * {TX}
+            if row < m and col < n:
+                c[row, col] = acc[i, j]
 
 '''
+
+
+@dataclass(frozen=True)
+class GemmTiles:
+    """The register-tiled GEMM's shape: a block's tile of C (``tile`` square), the depth of K it
+    stages in shared memory, and the square of C each thread holds in registers."""
+
+    tile: int
+    depth: int
+    per_thread: int
+
+    @property
+    def threads(self) -> int:  # per side of the block
+        return self.tile // self.per_thread
+
+    def source(self, F: str) -> str:
+        t = self.threads
+        return GEMM.format(F=F, BM=self.tile, BN=self.tile, BK=self.depth, R=self.per_thread, TX=t, TY=t)
+
+
+GPU_TILES = GemmTiles(tile=64, depth=16, per_thread=4)  # 256 threads, 8 KB of shared memory (f32)
+SIM_TILES = GemmTiles(tile=8, depth=4, per_thread=2)  # 16 simulated threads a block: every path, few threads
 
 
 FILL = """
@@ -440,8 +484,8 @@ def fill(a, value):
 """
 
 
-def print_module(prog: KernelProgram, block: int = 256, in_place: frozenset[str] = frozenset(), tile: int = 16,
-                 max_blocks: int = MAX_BLOCKS, warp: int = 32) -> str:
+def print_module(prog: KernelProgram, block: int = 256, in_place: frozenset[str] = frozenset(),
+                 tiles: GemmTiles = GPU_TILES, max_blocks: int = MAX_BLOCKS, warp: int = 32) -> str:
     """The program as a module of ``@cuda.jit`` kernels and a Python ``step`` launching them."""
     g = prog.graph
     kernels, step = Writer(), Writer()
@@ -449,7 +493,7 @@ def print_module(prog: KernelProgram, block: int = 256, in_place: frozenset[str]
     for k in prog.kernels:
         if is_host(k):
             continue
-        kp = CudaKernelPrinter(k, block, tile, max_blocks, warp)
+        kp = CudaKernelPrinter(k, block, tiles, max_blocks, warp)
         printers.append(kp)
         kp.kernels(kernels)
     args = [arr(v) for _, v in g.args]
@@ -485,7 +529,7 @@ def print_module(prog: KernelProgram, block: int = 256, in_place: frozenset[str]
     code = "\n".join(kernels.lines + step.lines)
     helpers = [helper_source(name, ftype, "@cuda.jit(device=True, inline=\"always\")", backend="cuda")
                for name, ftype in ordered_helpers(helpers_used(code, backend="cuda"))]
-    library = "".join(GEMM.format(F=F, T=tile) for F in ("f32", "f64")) + FILL
+    library = "".join(tiles.source(F) for F in ("f32", "f64")) + FILL
     if "_dist." in code:
         library += "\nfrom gradfuse.runtime import distributed as _dist\n"
     return HEADER.format(name=g.name) + "\n\n" + "\n\n".join(helpers) + "\n" + library + "\n\n" + code + "\n"
@@ -527,7 +571,7 @@ class CUDABackend:
         # and a few blocks still take every path (strided rows, tree reductions, grid-stride loops);
         # it has no warp shuffles, so its reductions are shared-memory trees
         sim = name == "cudasim"
-        self.block, self.tile, self.max_blocks = (4, 8, 4) if sim else (256, 16, MAX_BLOCKS)
+        self.block, self.tiles, self.max_blocks = (4, SIM_TILES, 4) if sim else (256, GPU_TILES, MAX_BLOCKS)
         self.block = block or self.block
         self.warp = warp if warp is not None else 0 if sim else 32
 
@@ -551,7 +595,7 @@ class CUDABackend:
                                     "--target cpu, or --target cudasim to run the CUDA kernels in Numba's simulator")
 
     def print_module(self, prog: KernelProgram, in_place: frozenset[str] = frozenset()) -> str:
-        return print_module(prog, self.block, in_place, self.tile, self.max_blocks, self.warp)
+        return print_module(prog, self.block, in_place, self.tiles, self.max_blocks, self.warp)
 
     def load(self, source: str, cache_dir: str, stem: str):
         """Import the module (no GPU needed: ``cuda.jit`` compiles at the first launch, and the
@@ -587,7 +631,7 @@ class CUDABackend:
         return arr(v)
 
     def kernel_arguments(self, k: Kernel) -> list[str]:
-        return CudaKernelPrinter(k, self.block, self.tile, self.max_blocks, self.warp).signature()
+        return CudaKernelPrinter(k, self.block, self.tiles, self.max_blocks, self.warp).signature()
 
     @staticmethod
     def unwritten(k: Kernel, prog: KernelProgram):
