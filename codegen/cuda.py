@@ -535,6 +535,21 @@ def print_module(prog: KernelProgram, block: int = 256, in_place: frozenset[str]
     return HEADER.format(name=g.name) + "\n\n" + "\n\n".join(helpers) + "\n" + library + "\n\n" + code + "\n"
 
 
+class CublasGemm:
+    """``gemm_f32[grid, block](a, b, c, m, n, k, ta, tb)`` done by cuBLAS through CuPy, zero-copy on
+    Numba's device arrays and on the same (default) stream; chosen with GRADFUSE_CUDA_GEMM=cublas.
+    Not yet run on a GPU (none was lent so far): the tiled GEMM stays the default until measured."""
+
+    def __getitem__(self, launch):
+        return self
+
+    def __call__(self, a, b, c, m, n, k, ta, tb) -> None:
+        import cupy
+
+        x, y = cupy.asarray(a), cupy.asarray(b)
+        cupy.matmul(x.T if ta else x, y.T if tb else y, out=cupy.asarray(c))
+
+
 class SimulatorMath:
     """``math`` for kernels the simulator runs as Python: numpy's IEEE results where Python's
     math raises (log(0) = -inf, sqrt(-1) = NaN, floor(inf)), as the device gives them."""
@@ -620,6 +635,8 @@ class CUDABackend:
         module = CPUBackend.import_file(path)
         if self.name == "cudasim":
             module.math = IEEE_MATH  # the kernels run as Python there: see SimulatorMath
+        elif os.environ.get("GRADFUSE_CUDA_GEMM") == "cublas":  # on a GPU, to measure cuBLAS beside the tiled GEMM
+            module.gemm_f32 = module.gemm_f64 = CublasGemm()
         return module
 
     @staticmethod

@@ -62,6 +62,10 @@ def mlp_train(batch: int, sizes=(784, 512, 512, 10), min_s: float = 1.0, compile
     dx, dy = cuda.to_device(x), y  # labels stay on the host: they are range-checked before a launch
     name = f"mlp {'-'.join(map(str, sizes))} train step, batch {batch} ({target})"
     fns = {"gradfuse": lambda: compiled.train_step(dx, dy, lr=1e-3)}
+    cublas = with_cublas(lambda cache: gf.compile(mlp_of(sizes), gf.SGD(), target=target, cache_dir=cache)) \
+        if target == "cuda" else None
+    if cublas is not None:
+        fns["gradfuse, cuBLAS GEMM (CuPy)"] = lambda: cublas.train_step(dx, dy, lr=1e-3)
     torch = _torch_cuda()
     if torch is not None:
         def step_of(net):
@@ -90,6 +94,23 @@ def mlp_train(batch: int, sizes=(784, 512, 512, 10), min_s: float = 1.0, compile
     flops = mlp_train_flops(sizes, batch)
     out[0].note = f"{flops / out[0].seconds / 1e12:.2f} TFLOP/s"
     return out
+
+
+def with_cublas(compile_fn):
+    """What ``compile_fn(cache_dir)`` compiles, its GEMMs done by cuBLAS through CuPy (None without
+    CuPy): in a cache folder of its own, since a module is imported once per file."""
+    import os
+    import tempfile
+
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return None
+    os.environ["GRADFUSE_CUDA_GEMM"] = "cublas"
+    try:
+        return compile_fn(tempfile.mkdtemp(prefix="gradfuse-cublas-"))
+    finally:
+        del os.environ["GRADFUSE_CUDA_GEMM"]
 
 
 def mlp_inference(batch: int = 1, sizes=(784, 512, 512, 10), min_s: float = 1.0,
