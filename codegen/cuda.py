@@ -35,7 +35,7 @@ from gradfuse.ir.graph import Node, Value
 from gradfuse.ir.registry import OpDef
 
 from .collectives import is_host
-from .cpu import Writer, arr
+from .cpu import Writer, arr, canonical_kernel
 from .kernel_ir import CTOR, CodegenError, Kernel, KernelProgram
 from .loop_nests import SUM, For, Gemm, Let, Load, Scratch, Store, count, ix_text, kernel_body, missing_nest, walk
 from .scalar_lib import helper_source, helpers_used, ordered_helpers
@@ -490,12 +490,24 @@ def print_module(prog: KernelProgram, block: int = 256, in_place: frozenset[str]
     g = prog.graph
     kernels, step = Writer(), Writer()
     printers = []
+    shared: dict[str, str] = {}  # canonical code -> the kernel that defines it (codegen/cpu.py's rule)
     for k in prog.kernels:
         if is_host(k):
             continue
         kp = CudaKernelPrinter(k, block, tiles, max_blocks, warp)
         printers.append(kp)
-        kp.kernels(kernels)
+        mine = Writer()
+        kp.kernels(mine)
+        code = canonical_kernel(kp.signature(), [line for line in mine.lines if not line.startswith("def ")])
+        first = shared.setdefault(code, k.name)
+        if first == k.name:
+            kernels.lines += mine.lines
+            continue
+        kernels(f"# {k.name}: the code of {first} on its own buffers (compiled once)")  # an identical layer
+        for i, ph in enumerate(kp.phases):
+            if not isinstance(ph.nest, Gemm):
+                kernels(f"{k.name}_{i} = {first}_{i}")
+        kernels()
     args = [arr(v) for _, v in g.args]
     bufs = [arr(v) for v in prog.buffers]
     step(f"def step({', '.join(args + bufs)}):")

@@ -34,14 +34,21 @@ class KernelCost:
 
 
 def kernel_ptx(module, types: dict[str, str], cc: tuple[int, int] = CC) -> dict[str, str]:
-    """PTX of every kernel of a printed CUDA module (``types``: codegen.cuda.kernel_types), and
-    of the tiled GEMMs the module's step launches."""
+    """PTX of every distinct kernel of a printed CUDA module (``types``: codegen.cuda.kernel_types;
+    a kernel that is another's code under its name, ``k12_0 = k5_0``, is compiled as that one),
+    and of the tiled GEMMs the module's step launches."""
     from numba import cuda
 
     source = getattr(module, "__source__", None) or open(module.__file__).read()
     wanted = {**types, **{f"gemm_{F}": t for F, t in GEMM_TYPES.items() if f"gemm_{F}[" in source}}
-    return {name: cuda.compile_ptx(getattr(module, name).py_func, signature, cc=cc)[0]
-            for name, signature in wanted.items()}
+    seen: set[int] = set()
+    out = {}
+    for name, signature in wanted.items():
+        kernel = getattr(module, name)
+        if id(kernel) not in seen:
+            seen.add(id(kernel))
+            out[name] = cuda.compile_ptx(kernel.py_func, signature, cc=cc)[0]
+    return out
 
 
 def ptx_version(ptx: str) -> str:
