@@ -518,6 +518,13 @@ class CPUBackend:
         return kernel_counts(source)
 
     @staticmethod
+    def empty(shape: tuple, dtype):
+        """Storage for the memory plan's arena and the buffers outside it."""
+        import numpy as np
+
+        return np.empty(shape, dtype)
+
+    @staticmethod
     def load(source: str, cache_dir: str, stem: str):
         """(the imported module, its path): ``source`` written to ``cache_dir/gf_stem_HASH.py``
         once and imported under a stable name, so Numba's on-disk cache (``cache=True``) finds

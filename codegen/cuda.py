@@ -14,7 +14,7 @@ one nest may run in parallel, the nests after it read what it wrote. Each phase 
   accumulate and reduce, then thread 0 runs the statements after the loop;
 - a loop whose iterations are not independent: accumulating stores become atomic adds; one that
   reads back what it overwrites (a max over leading axes) runs in one thread;
-- ``Gemm``: a shared-memory tiled GEMM kernel (the epilogue is the next phase).
+- ``Gemm``: a register-tiled shared-memory GEMM kernel (the epilogue is the next phase).
 
 0-d buffers travel as 1-element arrays. The runtime half (device arrays, copies) is
 :class:`CUDABackend`'s ``call``.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,7 @@ from .targets import TARGETS
 loop_count = count
 
 MAX_BLOCKS = 1024
+SHUFFLED = {"f32", "f64", "i32", "i64"}  # the types cuda.shfl_*_sync moves (not bool)
 
 
 def missing_lowering(op: OpDef) -> str | None:
@@ -114,8 +116,10 @@ def _index(index) -> str:
 class CudaKernelPrinter:
     """Prints kernel ``k``'s phases as ``@cuda.jit`` functions and the launches of them."""
 
-    def __init__(self, k: Kernel, block: int, tile: int = 16, max_blocks: int = 1024):
-        self.k, self.block, self.tile, self.max_blocks = k, block, tile, max_blocks
+    def __init__(self, k: Kernel, block: int, tiles: GemmTiles | None = None, max_blocks: int = 1024,
+                 warp: int = 0):
+        self.k, self.block, self.tiles, self.max_blocks = k, block, tiles or GPU_TILES, max_blocks
+        self.warp = warp  # lanes per warp for shuffle reductions; 0: shared-memory trees only (the simulator)
         body = kernel_body(k)
         self.scratch = [s for s in body if isinstance(s, Scratch)]  # top-level: device arrays
         self.phases = phases(body)
@@ -161,9 +165,9 @@ class CudaKernelPrinter:
         F = CTOR[out.dtype]
 
         def call(x, y, z, m, n, kk):
-            t = self.tile
+            t, side = self.tiles.tile, self.tiles.threads
             grid = f"((({n}) + {t - 1}) // {t}, (({m}) + {t - 1}) // {t})"
-            w(f"gemm_{F}[{grid}, ({t}, {t})]({x}, {y}, {z}, {m}, {n}, {kk}, {ta}, {tb})")
+            w(f"gemm_{F}[{grid}, ({side}, {side})]({x}, {y}, {z}, {m}, {n}, {kk}, {ta}, {tb})")
 
         kdim = at.shape[-2] if ta else at.shape[-1]
         if at.rank == 2 and bt.rank == 2:
@@ -305,11 +309,14 @@ class CudaKernelPrinter:
         w(f"_flat += {self.block}")
         w.dedent()
         for r in f.reductions:
-            self.block_reduce(r.acc, r.combine, r.ctor)
+            self.block_reduce(r.acc, r.combine, r.ctor, r.identity)
         w("cuda.syncthreads()")
 
-    def block_reduce(self, acc: str, combine: str, ctor: str) -> None:
-        """``acc`` combined over the block's threads (a tree in shared memory), in every thread."""
+    def block_reduce(self, acc: str, combine: str, ctor: str, identity: str) -> None:
+        """``acc`` combined over the block's threads, in every thread: by warp shuffles where the
+        printer has warps, else as a tree in shared memory."""
+        if self.warp and ctor in SHUFFLED and self.block % self.warp == 0 and self.block // self.warp <= self.warp:
+            return self.shuffle_reduce(acc, combine, ctor, identity)
         w = self.w
         sh = f"red_{ctor}"
         self._shared[sh] = (self.block, ctor)
@@ -325,49 +332,67 @@ class CudaKernelPrinter:
         w(f"{acc} = {sh}[0]")
         w("cuda.syncthreads()")
 
+    def shuffle_reduce(self, acc: str, combine: str, ctor: str, identity: str) -> None:
+        """Each warp combines its lanes with ``shfl_down`` (lane 0 ends with the warp's value),
+        the warps' values meet in shared memory, and every warp combines those the same way and
+        broadcasts lane 0's: all threads take the same path (no thread waits on a branch)."""
+        w, lanes, warps = self.w, self.warp, self.block // self.warp
+        sh = f"warp_{ctor}"
+        self._shared[sh] = (warps, ctor)
+        mask = f"0x{(1 << lanes) - 1:x}" if lanes < 32 else "0xffffffff"
+
+        def within_warp():
+            w(f"_off = {lanes // 2}")
+            w("while _off > 0:")  # every lane shuffles once per step, outside the combine's branches
+            w(f"    _from_{ctor} = cuda.shfl_down_sync({mask}, {acc}, _off)")
+            w(f"    {acc} = {combine.format(a=acc, b=f'_from_{ctor}')}")
+            w("    _off //= 2")
+        within_warp()
+        w(f"if cuda.threadIdx.x % {lanes} == 0:")
+        w(f"    {sh}[cuda.threadIdx.x // {lanes}] = {acc}")
+        w("cuda.syncthreads()")
+        w(f"{acc} = {sh}[cuda.threadIdx.x % {lanes}] if cuda.threadIdx.x % {lanes} < {warps} else {identity}")
+        within_warp()
+        w(f"{acc} = cuda.shfl_sync({mask}, {acc}, 0)")
+        w("cuda.syncthreads()")
+
     def rows(self, f: For, tail: list) -> None:
         """One block per iteration of ``f`` (grid-stride over blocks); a reducing ``f`` runs in
         one block, whose accumulators are uniform across its threads."""
-        w = self.w
-        for r in f.reductions:
-            w(f"{r.acc} = {r.identity}")
-        w("_row = cuda.blockIdx.x")
-        w(f"while _row < {count(f.extents)}:")
-        w.indent()
-        self._unravel(f, "_row")
-        self.stmts(f.body, threads="cuda.threadIdx.x")
-        self._combine(f)
-        w("cuda.syncthreads()")
-        w("_row += cuda.gridDim.x")
-        w.dedent()
-        if tail:
-            w("if cuda.threadIdx.x == 0:")
-            w.indent()
-            self.stmts(tail)
-            w("pass")
-            w.dedent()
+        self._grid_stride(f, "_row", "cuda.blockIdx.x", "cuda.gridDim.x", threads="cuda.threadIdx.x")
+        self._on_thread_0(tail)
 
     def flat(self, f: For, tail: list) -> None:
         """One thread per iteration; a reducing ``f`` runs in one block and reduces across it."""
+        self._grid_stride(f, "_flat", "cuda.grid(1)", "cuda.gridsize(1)")
+        for r in f.reductions:
+            self.block_reduce(r.acc, r.combine, r.ctor, r.identity)
+        self._on_thread_0(tail)
+
+    def _grid_stride(self, f: For, var: str, start: str, step: str, threads: str | None = None) -> None:
+        """``f``'s iterations from ``start`` by ``step`` (a block's rows: its threads share each
+        one, with a barrier before the next)."""
         w = self.w
         for r in f.reductions:
             w(f"{r.acc} = {r.identity}")
-        w("_flat = cuda.grid(1)")
-        w(f"while _flat < {count(f.extents)}:")
+        w(f"{var} = {start}")
+        w(f"while {var} < {count(f.extents)}:")
         w.indent()
-        self._unravel(f, "_flat")
-        self.stmts(f.body)
+        self._unravel(f, var)
+        self.stmts(f.body, threads=threads)
         self._combine(f)
-        w("_flat += cuda.gridsize(1)")
+        if threads is not None:
+            w("cuda.syncthreads()")
+        w(f"{var} += {step}")
         w.dedent()
-        for r in f.reductions:
-            self.block_reduce(r.acc, r.combine, r.ctor)
+
+    def _on_thread_0(self, tail: list) -> None:
         if tail:
-            w("if cuda.threadIdx.x == 0:")
-            w.indent()
+            self.w("if cuda.threadIdx.x == 0:")
+            self.w.indent()
             self.stmts(tail)
-            w("pass")
-            w.dedent()
+            self.w("pass")
+            self.w.dedent()
 
 
 # ---- the module -----------------------------------------------------------------------------
@@ -383,26 +408,69 @@ f32, f64, i32, i64, b1 = np.float32, np.float64, np.int32, np.int64, np.bool_
 GEMM = '''
 @cuda.jit
 def gemm_{F}(a, b, c, m, n, k, ta, tb):
-    """c = op(a) @ op(b) in {T}x{T} tiles through shared memory."""
-    sa = cuda.shared.array(({T}, {T}), {F})
-    sb = cuda.shared.array(({T}, {T}), {F})
+    """c = op(a) @ op(b): a block computes a {BM}x{BN} tile of c through shared memory, {BK} deep
+    at a time; each of its {TX}x{TY} threads keeps {R}x{R} of the tile in registers, its rows and
+    columns strided by the block's shape (neighbouring threads touch neighbouring addresses)."""
+    sa = cuda.shared.array(({BK}, {BM}), {F})
+    sb = cuda.shared.array(({BK}, {BN}), {F})
+    acc = cuda.local.array(({R}, {R}), {F})
+    ra = cuda.local.array({R}, {F})
+    rb = cuda.local.array({R}, {F})
     tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    row = cuda.blockIdx.y * {T} + ty
-    col = cuda.blockIdx.x * {T} + tx
-    acc = {F}(0.0)
-    for t in range((k + {T} - 1) // {T}):
-        kk = t * {T} + tx
-        sa[ty, tx] = (a[kk, row] if ta else a[row, kk]) if row < m and kk < k else {F}(0.0)
-        kk = t * {T} + ty
-        sb[ty, tx] = (b[col, kk] if tb else b[kk, col]) if col < n and kk < k else {F}(0.0)
+    tid = ty * {TX} + tx
+    row0, col0 = cuda.blockIdx.y * {BM}, cuda.blockIdx.x * {BN}
+    for i in range({R}):
+        for j in range({R}):
+            acc[i, j] = {F}(0.0)
+    for t in range(0, k, {BK}):
+        for e in range(tid, {BK} * {BM}, {TX} * {TY}):  # op(a)[row0:+{BM}, t:+{BK}], read along memory
+            q, r = (e // {BM}, e % {BM}) if ta else (e % {BK}, e // {BK})
+            row, kk = row0 + r, t + q
+            sa[q, r] = (a[kk, row] if ta else a[row, kk]) if row < m and kk < k else {F}(0.0)
+        for e in range(tid, {BK} * {BN}, {TX} * {TY}):  # op(b)[t:+{BK}, col0:+{BN}]
+            q, cc = (e % {BK}, e // {BK}) if tb else (e // {BN}, e % {BN})
+            col, kk = col0 + cc, t + q
+            sb[q, cc] = (b[col, kk] if tb else b[kk, col]) if col < n and kk < k else {F}(0.0)
         cuda.syncthreads()
-        for q in range({T}):
-            acc += sa[ty, q] * sb[q, tx]
+        for q in range({BK}):
+            for i in range({R}):
+                ra[i] = sa[q, ty + i * {TY}]
+            for j in range({R}):
+                rb[j] = sb[q, tx + j * {TX}]
+            for i in range({R}):
+                for j in range({R}):
+                    acc[i, j] += ra[i] * rb[j]
         cuda.syncthreads()
-    if row < m and col < n:
-        c[row, col] = acc
+    for i in range({R}):
+        row = row0 + ty + i * {TY}
+        for j in range({R}):
+            col = col0 + tx + j * {TX}
+            if row < m and col < n:
+                c[row, col] = acc[i, j]
 
 '''
+
+
+@dataclass(frozen=True)
+class GemmTiles:
+    """The register-tiled GEMM's shape: a block's tile of C (``tile`` square), the depth of K it
+    stages in shared memory, and the square of C each thread holds in registers."""
+
+    tile: int
+    depth: int
+    per_thread: int
+
+    @property
+    def threads(self) -> int:  # per side of the block
+        return self.tile // self.per_thread
+
+    def source(self, F: str) -> str:
+        t = self.threads
+        return GEMM.format(F=F, BM=self.tile, BN=self.tile, BK=self.depth, R=self.per_thread, TX=t, TY=t)
+
+
+GPU_TILES = GemmTiles(tile=64, depth=16, per_thread=4)  # 256 threads, 8 KB of shared memory (f32)
+SIM_TILES = GemmTiles(tile=8, depth=4, per_thread=2)  # 16 simulated threads a block: every path, few threads
 
 
 FILL = """
@@ -416,8 +484,8 @@ def fill(a, value):
 """
 
 
-def print_module(prog: KernelProgram, block: int = 256, in_place: frozenset[str] = frozenset(), tile: int = 16,
-                 max_blocks: int = MAX_BLOCKS) -> str:
+def print_module(prog: KernelProgram, block: int = 256, in_place: frozenset[str] = frozenset(),
+                 tiles: GemmTiles = GPU_TILES, max_blocks: int = MAX_BLOCKS, warp: int = 32) -> str:
     """The program as a module of ``@cuda.jit`` kernels and a Python ``step`` launching them."""
     g = prog.graph
     kernels, step = Writer(), Writer()
@@ -425,7 +493,7 @@ def print_module(prog: KernelProgram, block: int = 256, in_place: frozenset[str]
     for k in prog.kernels:
         if is_host(k):
             continue
-        kp = CudaKernelPrinter(k, block, tile, max_blocks)
+        kp = CudaKernelPrinter(k, block, tiles, max_blocks, warp)
         printers.append(kp)
         kp.kernels(kernels)
     args = [arr(v) for _, v in g.args]
@@ -461,10 +529,25 @@ def print_module(prog: KernelProgram, block: int = 256, in_place: frozenset[str]
     code = "\n".join(kernels.lines + step.lines)
     helpers = [helper_source(name, ftype, "@cuda.jit(device=True, inline=\"always\")", backend="cuda")
                for name, ftype in ordered_helpers(helpers_used(code, backend="cuda"))]
-    library = "".join(GEMM.format(F=F, T=tile) for F in ("f32", "f64")) + FILL
+    library = "".join(tiles.source(F) for F in ("f32", "f64")) + FILL
     if "_dist." in code:
         library += "\nfrom gradfuse.runtime import distributed as _dist\n"
     return HEADER.format(name=g.name) + "\n\n" + "\n\n".join(helpers) + "\n" + library + "\n\n" + code + "\n"
+
+
+class CublasGemm:
+    """``gemm_f32[grid, block](a, b, c, m, n, k, ta, tb)`` done by cuBLAS through CuPy, zero-copy on
+    Numba's device arrays and on the same (default) stream; chosen with GRADFUSE_CUDA_GEMM=cublas.
+    Not yet run on a GPU (none was lent so far): the tiled GEMM stays the default until measured."""
+
+    def __getitem__(self, launch):
+        return self
+
+    def __call__(self, a, b, c, m, n, k, ta, tb) -> None:
+        import cupy
+
+        x, y = cupy.asarray(a), cupy.asarray(b)
+        cupy.matmul(x.T if ta else x, y.T if tb else y, out=cupy.asarray(c))
 
 
 class SimulatorMath:
@@ -496,13 +579,16 @@ class CUDABackend:
     """The runtime's view of the CUDA backend (``cuda`` on a GPU, ``cudasim`` in Numba's
     simulator): the step takes device arrays; ``call`` moves a run's arrays across."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, block: int | None = None, warp: int | None = None):
         self.name = name
         self.target = TARGETS[name]
         # the simulator runs each thread as a Python thread (~165 us each): a few threads per block
-        # and a few blocks still take every path (strided rows, tree reductions, grid-stride loops)
+        # and a few blocks still take every path (strided rows, tree reductions, grid-stride loops);
+        # it has no warp shuffles, so its reductions are shared-memory trees
         sim = name == "cudasim"
-        self.block, self.tile, self.max_blocks = (4, 8, 4) if sim else (256, 16, MAX_BLOCKS)
+        self.block, self.tiles, self.max_blocks = (4, SIM_TILES, 4) if sim else (256, GPU_TILES, MAX_BLOCKS)
+        self.block = block or self.block
+        self.warp = warp if warp is not None else 0 if sim else 32
 
     @staticmethod
     def missing_lowering(op: OpDef) -> str | None:
@@ -524,21 +610,34 @@ class CUDABackend:
                                     "--target cpu, or --target cudasim to run the CUDA kernels in Numba's simulator")
 
     def print_module(self, prog: KernelProgram, in_place: frozenset[str] = frozenset()) -> str:
-        return print_module(prog, self.block, in_place, self.tile, self.max_blocks)
+        return print_module(prog, self.block, in_place, self.tiles, self.max_blocks, self.warp)
 
     def load(self, source: str, cache_dir: str, stem: str):
-        from .cpu import CPUBackend
-
-        self.require()
+        """Import the module (no GPU needed: ``cuda.jit`` compiles at the first launch, and the
+        PTX of an artifact compiles without one); the first run checks for the GPU."""
+        if self.name == "cudasim":
+            self.require()
+            # The simulator runs each GPU thread as a Python thread while its block manager polls
+            # them in a loop that holds the GIL: at Python's default 5 ms switch interval every
+            # simulated thread waits for that loop, and a block of 4 threads takes ~20 ms. At
+            # 0.1 ms the op-table test runs 5x faster. (Process-wide, set by the simulator target only.)
+            sys.setswitchinterval(min(sys.getswitchinterval(), 1e-4))
         name = f"gfcuda_{stem}_{hashlib.sha256(source.encode()).hexdigest()[:16]}"
         path = os.path.join(cache_dir, f"{name}.py")
         if not os.path.exists(path):
             with atomic_file(path, CACHE, "w") as f:
                 f.write(source)
+        return self.import_file(path), path
+
+    def import_file(self, path: str):
+        from .cpu import CPUBackend
+
         module = CPUBackend.import_file(path)
         if self.name == "cudasim":
             module.math = IEEE_MATH  # the kernels run as Python there: see SimulatorMath
-        return module, path
+        elif os.environ.get("GRADFUSE_CUDA_GEMM") == "cublas":  # on a GPU, to measure cuBLAS beside the tiled GEMM
+            module.gemm_f32 = module.gemm_f64 = CublasGemm()
+        return module
 
     @staticmethod
     def compile_entry(module, args, buffers):
@@ -549,37 +648,18 @@ class CUDABackend:
         return arr(v)
 
     def kernel_arguments(self, k: Kernel) -> list[str]:
-        return CudaKernelPrinter(k, self.block, self.tile, self.max_blocks).signature()
+        return CudaKernelPrinter(k, self.block, self.tiles, self.max_blocks, self.warp).signature()
 
     @staticmethod
     def unwritten(k: Kernel, prog: KernelProgram):
         return None
 
     @staticmethod
-    def call(step, arrays: list[np.ndarray], bufs: list[np.ndarray], written: list[bool]) -> int:
-        """Copy the arguments to the device, run ``step``, copy back what it wrote: the updated
-        arguments (``written``) and every buffer. A buffer that is an argument's storage (an
-        update in place) is a view of that argument's device copy."""
-        from numba import cuda
+    def empty(shape: tuple, dtype):
+        """Device memory for the memory plan's arena and the buffers outside it."""
+        from gradfuse.runtime.device import empty
 
-        def flat(a):
-            return a.reshape(1) if a.ndim == 0 else a
-
-        d_args = [cuda.to_device(flat(a)) for a in arrays]
-        d_bufs = []
-        for b in bufs:
-            owner = next((i for i, a in enumerate(arrays) if a.size and np.may_share_memory(a, b)), None)
-            d_bufs.append(d_args[owner].reshape(flat(b).shape) if owner is not None
-                          else cuda.device_array(flat(b).shape, b.dtype))
-        rc = step(*d_args, *d_bufs)
-        cuda.synchronize()
-        for a, d, w in zip(arrays, d_args, written, strict=True):
-            if w and a.size:
-                d.copy_to_host(flat(a))
-        for b, d in zip(bufs, d_bufs, strict=True):
-            if b.size and not any(np.may_share_memory(a, b) for a in arrays):
-                d.copy_to_host(flat(b))
-        return rc
+        return empty(shape, dtype)
 
 
 BACKENDS = {name: CUDABackend(name) for name in ("cuda", "cudasim")}

@@ -610,6 +610,13 @@ def main(only: list[str] | None = None, json_path: str | None = None, quick: boo
         new = fn(quick)
         print(render(new), flush=True)
         rows += new
+    return write_results(rows, json_path, printed=True)
+
+
+def write_results(rows: list[Measurement], json_path: str | None, printed: bool = False) -> int:
+    """The tables (unless ``printed`` already), the ratio's meaning, and the JSON file if asked."""
+    if not printed:
+        print(render(rows), flush=True)
     print("\nratio = reference time / gradfuse time (above 1: gradfuse is faster)")
     if json_path:
         with atomic_file(json_path, "benchmark results", "w") as f:

@@ -53,14 +53,47 @@ def _stage_kernels(model, args) -> str:
     from gradfuse.runtime.program import in_place_updates
 
     graph = _stage_fused(model, args)
-    return get_backend("cpu").print_module(lower(graph), in_place_updates(graph, 256))  # as Program.compile does
+    prog = lower(graph, args.target)
+    source = get_backend(args.target).print_module(prog, in_place_updates(graph, 256, args.target))  # as compile does
+    return _with_costs(source, prog) if args.target == "cuda" else source
+
+
+def _with_costs(source: str, prog) -> str:
+    """The CUDA module's source with each kernel's cost on the chip above its definition: its PTX
+    for sm_90 assembled by nvJitLink (no GPU needed)."""
+    import os
+    import tempfile
+
+    from gradfuse.codegen import ptx
+    from gradfuse.codegen.cpu import CPUBackend
+    from gradfuse.codegen.cuda import kernel_types
+
+    with tempfile.TemporaryDirectory() as tmp:  # imported as a file: Numba reads kernels' source from it
+        path = os.path.join(tmp, "gfcuda_show.py")
+        with open(path, "w") as f:
+            f.write(source)
+        try:
+            costs = ptx.costs(CPUBackend.import_file(path), kernel_types(prog))
+        except (ImportError, OSError, RuntimeError) as e:  # NVVM or nvJitLink missing: the cuda extra
+            raise GradfuseError(f"--target cuda: each kernel's PTX and its cost need NVVM and nvJitLink from the "
+                                f"CUDA wheels (pip install 'gradfuse[cuda]'): {str(e).splitlines()[0]}") from None
+    arch = f"sm_{ptx.CC[0]}{ptx.CC[1]}"
+    version = ptx.ptx_version(next(iter(costs.values()))[0]) if costs else "?"
+    lines = source.splitlines()
+    out = [f"# each kernel as PTX {version} for {arch}, assembled by nvJitLink: registers, shared memory, spills"]
+    for i, line in enumerate(lines):
+        name = line[4:line.index("(")] if line.startswith("def ") and "(" in line else None
+        if name in costs and i and lines[i - 1].startswith("@cuda.jit"):
+            out.insert(len(out) - 1, f"# {name} on {arch}: {costs[name][1]}")
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 
 def _stage_loops(model, args) -> str:
     from gradfuse.codegen.kernel_ir import lower
     from gradfuse.codegen.loop_nests import format_kernel
 
-    return "\n\n".join(format_kernel(k) for k in lower(_stage_fused(model, args)).kernels)
+    return "\n\n".join(format_kernel(k) for k in lower(_stage_fused(model, args), args.target).kernels)
 
 
 # stage name -> (what it shows, how to build it from a Model)
@@ -72,7 +105,8 @@ STAGES = {
     "fused": ("the training step after the pass pipeline (--pipeline), as kernels", _stage_fused),
     "loops": ("each kernel of the fused training step as loop nests: the kernel IR the backends print",
               _stage_loops),
-    "kernels": ("the generated Numba CPU source of the fused training step", _stage_kernels),
+    "kernels": ("the generated Numba source of the fused training step (--target cuda: with each kernel's "
+                "registers, shared memory and spills on sm_90)", _stage_kernels),
 }
 DEFAULT_PIPELINE = "simplify,fuse,memory-plan"
 
@@ -117,9 +151,10 @@ def cmd_show(args) -> int:
     _check_outputs((args.dump_passes, "IR dump folder", True))
     model = load_model(args.model)
     args.saved, args.reports = None, []
-    if args.pipeline is None:
-        args.pipeline = DEFAULT_PIPELINE.replace("fuse", f"fuse(batch={args.batch})").replace(
-            "memory-plan", f"memory-plan(batch={args.batch})")
+    if args.pipeline is None:  # fusion and the memory plan ask the target's GEMM what it takes
+        on = "" if args.target == "cpu" else f", target={args.target!r}"
+        args.pipeline = DEFAULT_PIPELINE.replace("fuse", f"fuse(batch={args.batch}{on})").replace(
+            "memory-plan", f"memory-plan(batch={args.batch}{on})")
     graph = STAGES[args.stage][1](model, args)
     if isinstance(graph, str):  # generated source
         sys.stdout.write(graph)
@@ -206,7 +241,8 @@ def _compile_model(args):
 
     model = load_model(args.model)
     return model, gf.compile(model, _optimizer(args), dtype=getattr(args, "dtype", None),
-                             workers=getattr(args, "workers", 1), bucket_mb=getattr(args, "bucket_mb", 25.0))
+                             workers=getattr(args, "workers", 1), bucket_mb=getattr(args, "bucket_mb", 25.0),
+                             target=getattr(args, "target", "cpu"))
 
 
 def _stage_texts(model, args) -> dict[str, str]:
@@ -250,8 +286,6 @@ def cmd_compile(args) -> int:
 
     from gradfuse.runtime import artifact
 
-    if args.target != "cpu":
-        raise GradfuseError(f"target {args.target!r} is not available yet (targets: cpu)")
     _check_outputs((args.output, "artifact", True))
     start = time.perf_counter()
     model, compiled = _compile_model(args)
@@ -504,7 +538,24 @@ def cmd_explore(args) -> int:
 def cmd_bench(args) -> int:
     from gradfuse.bench import main as bench
 
+    if args.target == "cudasim":
+        raise GradfuseError("bench --target cudasim would time Numba's simulator, which runs each GPU thread as "
+                            "Python: benchmark --target cuda on a machine with an NVIDIA GPU, or --target cpu")
+    if args.target == "cuda":
+        from gradfuse.codegen.targets import get_backend
+
+        get_backend("cuda").require()  # no GPU here: says so
+        from gradfuse.bench import write_results
+        from gradfuse.bench_cuda import main as bench_cuda
+
+        return write_results(bench_cuda(args.quick), args.json)
     return bench(args.only, args.json, args.quick)
+
+
+def _target_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", choices=["cpu", "cuda", "cudasim"], default="cpu",
+                   help="what the kernels run on: cpu; cuda (an NVIDIA GPU); cudasim (the CUDA kernels in Numba's "
+                        "simulator on the CPU, slow: for checking; needs NUMBA_ENABLE_CUDASIM=1)")
 
 
 def _optimizer_flags(p: argparse.ArgumentParser) -> None:
@@ -554,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--dump-passes", metavar="DIR", default=None,
                       help="write the IR after each pass to DIR (also: GRADFUSE_DUMP=DIR)")
     _optimizer_flags(show)
+    _target_flag(show)
     show.set_defaults(run=cmd_show)
 
     gc = sub.add_parser("gradcheck", help="check the backward graph against finite differences (float64); "
@@ -580,12 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compile", help="compile a model ahead of time into an artifact directory")
     comp.add_argument("model", help="a Python file defining `model` (or FILE.py:OBJECT)")
-    comp.add_argument("--target", default="cpu", help="what to compile for (cpu)")
     comp.add_argument("-o", "--output", required=True, help="the artifact directory to write")
     comp.add_argument("--weights", help="start from these weights: a checkpoint of `gradfuse train`, or a .npz of "
                                         "named arrays (state dict); without it the artifact holds the initial, "
                                         "untrained weights")
     _optimizer_flags(comp)
+    _target_flag(comp)
     comp.set_defaults(run=cmd_compile)
 
     run = sub.add_parser("run", help="run an artifact (or a model file) on an input array")
@@ -597,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "a NaN/Inf, naming it and its source line")
     run.add_argument("--recompile", action="store_true", help="accept an artifact built for another CPU or "
                                                               "Numba version and compile its kernels here")
+    _target_flag(run)  # for a model file; an artifact runs where it was compiled for
     run.set_defaults(run=cmd_run)
 
     tr = sub.add_parser("train", help="train a model file or an artifact")
@@ -618,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(one line per machine: `host slots=N`); the model, data and checkpoint paths "
                                        "must exist on every machine")
     _optimizer_flags(tr)
+    _target_flag(tr)
     tr.set_defaults(run=cmd_train)
 
     ex = sub.add_parser("explore", help="write one self-contained HTML page linking the forward graph, the "
@@ -639,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "at 1 and 2 ranks: needs the mpi extra)")
     bench.add_argument("--json", help="also write the measurements to this JSON file")
     bench.add_argument("--quick", action="store_true", help="shorter timing runs")
+    _target_flag(bench)
     bench.set_defaults(run=cmd_bench)
 
     sm = sub.add_parser("sample", help="continue a prompt with a character model's artifact "

@@ -32,6 +32,7 @@ from gradfuse.passes.distributed import DEFAULT_BUCKET_MB
 from gradfuse.passes.manager import run_pipeline
 from gradfuse.passes.optimizer import SGD, Adam
 from gradfuse.passes.precision import with_float
+from gradfuse.runtime.device import DeviceWeights
 from gradfuse.runtime.program import DEFAULT_CACHE, Program
 from gradfuse.stages import training_passes
 from gradfuse.state_dict import LoadResult, check_state
@@ -61,6 +62,8 @@ class CompiledModel:
         self._lr_dtype = lr[0].type.dtype.np if lr else np.dtype(np.float32)
         # f32 arrays for f64 inputs are widened (exact); the runtime refuses the other way (lossy)
         self._widen = {n for n, t in {**self.inputs, **self.targets}.items() if t.dtype is DType.f64}
+        if p._device and not isinstance(self.weights, DeviceWeights):
+            self.weights = DeviceWeights(self.weights)  # they stay in device memory between steps
 
     def kernel_report(self) -> str:
         """``compiled 40 kernels, reused 90`` over the predict and training programs."""
@@ -112,6 +115,12 @@ class CompiledModel:
         return {k: feeds[k] for k in names}
 
     def _run(self, program: Program, feeds: dict) -> list[np.ndarray]:
+        if isinstance(self.weights, DeviceWeights):
+            program.require_device()
+            feeds = {**self.weights.for_step(), **feeds}
+            out = program.run_checked(feeds) if self.check else program.run(feeds)
+            self.weights.updated(program.updates)
+            return out
         feeds = {**self.weights, **feeds}  # the program looks up the parameters and state it takes
         return program.run_checked(feeds) if self.check else program.run(feeds)
 
@@ -188,14 +197,14 @@ def compile(model: Model, optimizer: SGD | Adam | None = None, cache_dir: str = 
     traced = model.trace()
     forward = cached_pipeline(precise(traced), pipeline, cache_dir)
     shared = {} if target == "cpu" else None  # the training step calls the predict program's kernels
-    predict = Program.compile(forward, cache_dir, target, shared)
+    predict = Program.compile(forward, cache_dir, target, shared=shared)
     weights = {k: np.ascontiguousarray(v) for k, v in model.initial_values(dt).items()}
     train = None
     optimizer = optimizer or SGD()
     if model.loss is not None:  # the passes from the loss graph: autodiff, the optimizer, then the pipeline
         step_graph = cached_pipeline(precise(model.trace(train=True, with_loss=True)),
                                      f"{training_passes(optimizer, workers, bucket_mb)},{pipeline}", cache_dir)
-        train = Program.compile(step_graph, cache_dir, target, shared)
+        train = Program.compile(step_graph, cache_dir, target, shared=shared)
         _add_missing_state(step_graph, weights)  # optimizer state (momentum, moments, step) starts at zero
     _add_missing_state(forward, weights)
     loss = precise(trace_loss(model, traced.outputs[0].type)) if model.loss is not None else None

@@ -159,6 +159,7 @@ class Fuser:
         runs it between kernels, so it would have to come both after and before this one)."""
         stack: list[tuple[Node, Node | None]] = [(self.producer[v], None) for v in n.inputs if v in self.producer]
         seen: set[tuple[Node, bool]] = set()
+        independent: set[Group] = set()  # the other kernels found not to depend on grp
         while stack:
             p, via = stack.pop()  # via: the first node outside ``grp`` on the path from n to p
             if (p, via is None) in seen:
@@ -170,9 +171,11 @@ class Fuser:
                     return (f"it needs %{via.outputs[0].name} ({via.op}, outside every kernel), which reads "
                             f"%{p.outputs[0].name} of this kernel (fusing would create a cycle)")
                 continue
-            if pg is not None and self._depends_on(pg, grp):
-                return (f"it needs %{p.outputs[0].name}, computed by another kernel that depends on this one "
-                        "(fusing would create a cycle)")
+            if pg is not None and pg not in independent:
+                if self._depends_on(pg, grp):
+                    return (f"it needs %{p.outputs[0].name}, computed by another kernel that depends on this one "
+                            "(fusing would create a cycle)")
+                independent.add(pg)
             stack.extend((self.producer[v], via or p) for v in p.inputs if v in self.producer)
         return None
 
@@ -262,7 +265,8 @@ class Fuser:
                 for other in self._neighbours(small):
                     if other is small or other.kind == "opaque":
                         continue
-                    if all(self._why_not_moved(n, other) is None for n in small.nodes):
+                    if all(self._why_not_moved(n, other) is None for n in small.nodes) and \
+                            not self._reaches_through_others(small, other):  # once for the group, checked last: slower
                         for n in small.nodes:
                             other.nodes.append(n)
                             self.group_of[n] = other
@@ -274,8 +278,6 @@ class Fuser:
 
     def _why_not_moved(self, n: Node, dst: Group) -> str | None:
         src = self.group_of[n]
-        if self._reaches_through_others(src, dst):
-            return "a kernel between them reads its result (fusing would create a cycle)"
         self.group_of[n] = None  # judge n as if it were not yet placed
         try:
             return self.why_not(n, dst)

@@ -17,6 +17,8 @@ keeps the one with the smallest arena, saying which updates it gave up and why.
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from .manager import Pass, PassResult, register_pass
 
 ALIGN = 64  # bytes; every arena offset is a multiple
 MAX_TRIALS = 256  # schedules the search may try, at most (each costs one greedy ordering)
+CHECKPOINT = 32  # steps between the scheduler's snapshots of its state
 
 
 @dataclass(frozen=True)
@@ -351,7 +354,12 @@ class _Planner:
                 p = dataclasses.replace(p, offset=offsets[p.storage])
             values[v.name] = p
         steps = [Step(i, _step_name(u), u) for i, u in enumerate(self.order)]
-        lower = max((sum(b.nbytes for b in buffers if b.first <= i <= b.last) for i in range(len(steps))), default=0)
+        change = [0] * (len(steps) + 1)  # the bytes of buffers born minus those dead, at each step
+        for b in buffers:
+            if max(b.first, 0) <= min(b.last, len(steps) - 1):
+                change[max(b.first, 0)] += b.nbytes
+                change[min(b.last, len(steps) - 1) + 1] -= b.nbytes
+        lower = max(itertools.accumulate(change[:-1]), default=0)
         no_reuse = sum(p.nbytes for p in values.values() if p.kind in ("arena", "in_place"))
         updates = []
         for old, new in self.g.updates:
@@ -394,18 +402,33 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def _first_fit(buffers: list[Buffer], order: list[Buffer]) -> int:
-    placed: list[Buffer] = []
+def _first_fit(buffers: list[Buffer], order: list[Buffer], live_with: dict[int, list[Buffer]]) -> int:
+    placed: set[int] = set()
     for b in order:
-        busy = sorted((p for p in placed if p.live_with(b) and p.nbytes), key=lambda p: p.offset)
+        busy = sorted((p for p in live_with[id(b)] if id(p) in placed), key=lambda p: p.offset)
         offset = 0
         for p in busy:
-            if offset + b.nbytes <= p.offset or not b.nbytes:
+            if offset + b.nbytes <= p.offset:
                 break
             offset = max(offset, _align(p.offset + p.nbytes))
         b.offset = offset
-        placed.append(b)
+        placed.add(id(b))
     return max((b.offset + b.nbytes for b in buffers), default=0)
+
+
+def _live_with(buffers: list[Buffer]) -> dict[int, list[Buffer]]:
+    """For each buffer (by id), the other buffers of some bytes live at a common step (none for an
+    empty buffer, which goes at offset 0): a sweep in order of birth."""
+    out: dict[int, list[Buffer]] = {id(b): [] for b in buffers}
+    by_first = sorted((b for b in buffers if b.nbytes), key=lambda b: b.first)
+    for i, a in enumerate(by_first):
+        for c in by_first[i + 1:]:
+            if c.first > a.last:
+                break
+            if a.live_with(c):
+                out[id(a)].append(c)
+                out[id(c)].append(a)
+    return out
 
 
 def assign_offsets(buffers: list[Buffer]) -> int:
@@ -415,9 +438,10 @@ def assign_offsets(buffers: list[Buffer]) -> int:
     orders = [sorted(buffers, key=lambda b: (-b.nbytes, b.first, b.name)),
               sorted(buffers, key=lambda b: (-(b.last - b.first), -b.nbytes, b.first)),
               sorted(buffers, key=lambda b: (b.first, -b.nbytes))]
+    live_with = _live_with(buffers)
     best, best_peak = None, None
     for order in orders:
-        peak = _first_fit(buffers, order)
+        peak = _first_fit(buffers, order, live_with)
         if best_peak is None or peak < best_peak:
             best, best_peak = {b.name: b.offset for b in buffers}, peak
     for b in buffers:
@@ -443,8 +467,26 @@ class _Scheduler:
         for v, us in f.users.items():
             self.readers.setdefault(f.source(v), set()).update(f.unit_of[u] for u in us)
         self.created = {i: [v for n in u for v in n.outputs if f.stored(v)] for i, u in enumerate(steps)}
-        self.reads = {i: {src for src, rs in self.readers.items() if i in rs} for i in range(len(steps))}
+        self.reads: dict[int, set[Value]] = {i: set() for i in range(len(steps))}
+        for src, rs in self.readers.items():
+            for i in rs:
+                self.reads[i].add(src)
         self.stored = {src for vs in self.created.values() for src in vs}
+        self.updaters: dict[Value, set[int]] = {}  # an updated argument -> the steps writing its new value
+        for i, vs in self.created.items():
+            for v in vs:
+                if v in f.update_of:
+                    self.updaters.setdefault(f.update_of[v], set()).add(i)
+        self.after: list[list[int]] = [[] for _ in steps]  # the steps depending on each
+        for i, d in self.deps.items():
+            for j in d:
+                self.after[j].append(i)
+        self.n_readers = {src: len(rs) for src, rs in self.readers.items()}
+        # what ``order`` scores a step by: the bytes it writes (with the argument each update writes,
+        # and whether the step reads that argument itself) and the bytes it may free
+        self.grows = [[(f.nbytes(v), f.update_of.get(v), int(i in self.readers.get(f.update_of.get(v), ())))
+                       for v in self.created[i]] for i in range(len(steps))]
+        self.frees = [[(src, f.nbytes(src)) for src in self.reads[i] if src not in f.to_end] for i in range(len(steps))]
 
     def writer(self, update: tuple[Value, Value]) -> int | None:
         p = self.facts.producer.get(update[1])
@@ -479,59 +521,107 @@ class _Scheduler:
                     out[upd].append((r, w))
         return out
 
-    def order(self, keep: list[tuple[Value, Value]], war: dict[tuple[Value, Value], list[tuple[int, int]]]
-              ) -> tuple[list[int], tuple[int, int]]:
-        """The order, and its estimated cost: (most bytes live, minus the updates in place)."""
-        f, n = self.facts, len(self.steps)
-        deps = {i: set(d) for i, d in self.deps.items()}
-        for upd in keep:
-            for r, w in war[upd]:
-                deps[w].add(r)
-        after: dict[int, list[int]] = {i: [] for i in range(n)}
-        for i, d in deps.items():
-            for j in d:
-                after[j].append(i)
-        waiting = {i: len(d) for i, d in deps.items()}
-        ready = {i for i, k in waiting.items() if k == 0}
-        pending = {src: set(rs) for src, rs in self.readers.items()}
-        live: set[Value] = set()  # stored values written by the steps done
-        order: list[int] = []
-        now = peak = in_place = 0  # live bytes, their most, updates written after every reader
+    def order(self, keep: list[tuple[Value, Value]], war: dict[tuple[Value, Value], list[tuple[int, int]]],
+              like: _Order | None = None) -> _Order:
+        """The greedy order keeping the write-after-read edges of the updates in ``keep``, and its
+        estimated cost. ``like``: an order made with other edges, whose first steps this one shares
+        up to the first step whose readiness the edges change: the run resumes from its checkpoint
+        there (a local search toggles one update at a time: most of an order is shared)."""
+        n, grows, frees = len(self.steps), self.grows, self.frees
+        edges = {e for upd in keep for e in war[upd] if e[0] not in self.deps[e[1]]}
+        waiting = [len(self.deps[i]) for i in range(n)]
+        also: dict[int, list[int]] = {}  # the steps waiting for each besides self.after's
+        for r, w in edges:
+            waiting[w] += 1
+            also.setdefault(r, []).append(w)
+        if like is None:  # per storage source, its readers not done yet; the stored values written
+            checkpoints = [(dict(self.n_readers), set(), 0, 0, 0)]
+        else:
+            checkpoints = like.checkpoints[:self._shared(like, edges) // CHECKPOINT + 1]
+        order = like.steps[:(len(checkpoints) - 1) * CHECKPOINT] if like is not None else []
+        pending, live, now, peak, in_place = checkpoints[-1]  # live bytes, their most, updates in place
+        pending, live = dict(pending), set(live)
+        for i in order:
+            for u in (*self.after[i], *also.get(i, ())):
+                waiting[u] -= 1
 
+        # a step not done is among the pending readers of what it reads: ``pending[src] - own`` counts the others
         def grown(i: int) -> int:
-            return sum(f.nbytes(v) for v in self.created[i]
-                       if v not in f.update_of or pending.get(f.update_of[v], set()) - {i})
+            return sum(b for b, arg, own in grows[i] if arg is None or pending.get(arg, 0) > own)
 
         def freed(i: int) -> int:
-            return sum(f.nbytes(v) for v in self.reads[i] if v in live and pending[v] == {i} and v not in f.to_end)
+            return sum(b for src, b in frees[i] if pending[src] == 1 and src in live)
 
         # each ready step's score, kept until a step done changes what it depends on: the pending
-        # readers of what it reads or of the argument it updates, or which of its operands are live
-        updating = {i: {f.update_of[v] for v in self.created[i] if v in f.update_of} for i in range(n)}
+        # readers of a live value it reads or of the argument it updates; the smallest (score, step)
+        # is the heap's first entry that is still current
+        done = set(order)
+        ready = {i for i in range(n) if not waiting[i] and i not in done}
         score = {i: grown(i) - freed(i) for i in ready}
+        heap = [(s, i) for i, s in score.items()]
+        heapq.heapify(heap)
         while ready:
-            best = min(ready, key=lambda i: (score[i], i))
+            if len(order) == len(checkpoints) * CHECKPOINT:
+                checkpoints.append((dict(pending), set(live), now, peak, in_place))
+            s, best = heapq.heappop(heap)
+            if best not in ready or score[best] != s:
+                continue
             ready.remove(best)
             order.append(best)
-            in_place += sum(1 for v in self.created[best] if v in f.update_of
-                            and not pending.get(f.update_of[v], set()) - {best})
+            in_place += sum(1 for _, arg, own in grows[best] if arg is not None and pending.get(arg, 0) <= own)
             now += grown(best)
             peak = max(peak, now)
             now -= freed(best)
             for src in self.reads[best]:
-                pending[src].discard(best)
+                pending[src] -= 1
             live.update(v for v in self.created[best] if v in pending)
-            changed = self.reads[best].union(self.created[best])
-            for i in ready:
-                if not changed.isdisjoint(self.reads[i]) or not updating[i].isdisjoint(self.reads[best]):
-                    score[i] = grown(i) - freed(i)
-            for u in after[best]:
+            stale = set()  # the ready steps reading a live value it read or wrote, or updating what it read
+            for src in self.reads[best]:
+                if src in live:
+                    stale.update(self.readers[src])
+                stale.update(self.updaters.get(src, ()))
+            for v in self.created[best]:
+                stale.update(self.readers.get(v, ()))
+            for u in (*self.after[best], *also.get(best, ())):
                 waiting[u] -= 1
                 if not waiting[u]:
                     ready.add(u)
-                    score[u] = grown(u) - freed(u)
+                    stale.add(u)
+            for i in stale.intersection(ready):
+                score[i] = grown(i) - freed(i)
+                heapq.heappush(heap, (score[i], i))
         assert len(order) == n, "the step dependencies have a cycle"
-        return order, (peak, -in_place)
+        return _Order(order, (peak, -in_place), edges, checkpoints)
+
+    def _shared(self, like: _Order, edges: set[tuple[int, int]]) -> int:
+        """How many first steps the order with write-after-read ``edges`` has in common with ``like``
+        for sure: until ``like`` runs a step that now waits for a later one, or a step may be
+        ready sooner. Before that the ready steps are the same but for ones the greedy did not pick."""
+        pos = {s: t for t, s in enumerate(like.steps)}
+        shared = len(pos)
+        for r, w in edges - like.edges:
+            if pos[r] > pos[w]:
+                shared = min(shared, pos[w])
+
+        def ready_at(w: int, es: set[tuple[int, int]]) -> int:
+            return 1 + max([pos[d] for d in self.deps[w]] + [pos[r] for r, x in es if x == w], default=-1)
+
+        for w in {w for _, w in like.edges - edges}:
+            if ready_at(w, edges) < ready_at(w, like.edges):
+                shared = min(shared, ready_at(w, edges))
+        return shared
+
+
+@dataclass
+class _Order:
+    """A greedy schedule: the steps in order, its cost (most bytes live, minus the updates in place),
+    the write-after-read edges it kept, and its state every ``CHECKPOINT`` steps (pending readers,
+    live values, live bytes, their most, updates in place) for orders that share its first steps."""
+
+    steps: list[int]
+    cost: tuple[int, int]
+    edges: set[tuple[int, int]]
+    checkpoints: list[tuple[dict, set, int, int, int]]
 
 
 def _reaches(deps: dict[int, set[int]], a: int, b: int) -> bool:
@@ -579,23 +669,23 @@ def plan_memory(g: Graph, batch: int = 256, reorder: bool = True, sizes: Mapping
         sched = _Scheduler(g, bindings, steps, target)
         updates = sched.constraining()
         war = sched.war_edges(updates)
-        plans.append(plan(sched.order(updates, war)[0], "memory-aware order keeping updates in place"))
+        plans.append(plan(sched.order(updates, war).steps, "memory-aware order keeping updates in place"))
         always = [u for u in updates if not sched.worth_relaxing(u)]
         free = [u for u in updates if sched.worth_relaxing(u)]
         trials = MAX_TRIALS
         for start in (free, []):  # local search from both ends: give up or restore one order at a time
             keep = list(start)
-            best, cost = sched.order(always + keep, war)
+            best = sched.order(always + keep, war)
             improved = True
             while improved and trials > 0:
                 improved = False
                 for upd in free[:trials]:
                     trials -= 1
                     trial_keep = [u for u in free if (u in keep) != (u is upd)]
-                    trial, trial_cost = sched.order(always + trial_keep, war)
-                    if trial_cost < cost:
-                        keep, best, cost, improved = trial_keep, trial, trial_cost, True
-            candidate = plan(best, "memory-aware order")
+                    trial = sched.order(always + trial_keep, war, like=best)
+                    if trial.cost < best.cost:
+                        keep, best, improved = trial_keep, trial, True
+            candidate = plan(best.steps, "memory-aware order")
             if all(_cost(candidate) != _cost(p) for p in plans):
                 plans.append(candidate)
     chosen = min(plans, key=_cost)

@@ -7,6 +7,7 @@ An artifact is a directory::
                            graph hashes and a SHA-256 for every other file
     ir/*.gfir              the printed IR of every stage (forward, backward, train, fused)
     kernels/*.py           the generated Numba modules, and kernels/__pycache__ their compiled code
+    ptx/*.ptx              for target cuda: every GPU kernel's PTX (the manifest says for which chip)
     weights.npz            parameters, optimizer state, running statistics (no pickle)
 
 It is written to a temporary directory and renamed into place, so a crash leaves the old
@@ -32,7 +33,6 @@ from gradfuse.ir.types import parse_type
 
 FORMAT = "gradfuse-artifact"
 FORMAT_VERSION = 1
-TARGET = "cpu"
 
 
 class ArtifactError(GradfuseError):
@@ -78,6 +78,8 @@ def warm_up(compiled, batch_sizes=(2,)) -> None:
     from gradfuse.runtime.program import CompileProgress
 
     programs = [p for p in (compiled.predict_program, compiled.train_program) if p is not None]
+    if programs[0]._device:
+        return  # GPU kernels: their PTX is written instead (_write_ptx); nothing runs where there may be no GPU
     todo = [p.distinct_kernels() for p in programs]
     bar = CompileProgress(sum(len(t) for t in todo))
     try:
@@ -131,22 +133,21 @@ def _write(compiled, root: str, stages: dict[str, str]) -> None:
     for name, text in stages.items():
         with open(os.path.join(root, "ir", f"{name}.gfir"), "w", encoding="utf-8") as f:
             f.write(text)
+    device = compiled.predict_program._device
     for name, prog in compiled.programs().items():
-        if prog.one_dispatch:
+        if prog.one_dispatch and not device:
             prog.compile_checked_step()  # into Numba's cache, which the artifact copies below
         ir_file = f"ir/{name}.fused.gfir"
         with open(os.path.join(root, ir_file), "w", encoding="utf-8") as f:
             f.write(str(prog.graph))
         module = os.path.basename(prog.path)
         shutil.copy2(prog.path, os.path.join(root, "kernels", module))  # keeps the mtime Numba's cache checks
-        stem = os.path.splitext(module)[0]
-        cached = glob.glob(os.path.join(os.path.dirname(prog.path), "__pycache__", f"{stem}.*"))
-        if not cached:
-            raise ArtifactError(f"no compiled code found for {module} (is Numba's cache disabled?)")
-        for c in cached:
-            shutil.copy2(c, os.path.join(root, "kernels", "__pycache__", os.path.basename(c)))
         programs[name] = {"ir": ir_file, "module": f"kernels/{module}", "in_place": sorted(prog.in_place),
                           "graph_hash": hashlib.sha256(str(prog.graph).encode()).hexdigest()}
+        if prog.backend.name == "cuda":
+            programs[name]["ptx"] = _write_ptx(prog, root)
+        elif not device:
+            _copy_numba_cache(prog, root)
     np.savez(os.path.join(root, "weights.npz"), **compiled.weights)
     files = {}
     for f in sorted(glob.glob(os.path.join(root, "**"), recursive=True)):
@@ -155,7 +156,8 @@ def _write(compiled, root: str, stages: dict[str, str]) -> None:
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(),
         "target": compiled.predict_program.backend.name,
-        "cpu": cpu_identity(), "model": compiled.name, "optimizer": compiled.optimizer,
+        "cpu": cpu_identity(), **({"cuda": _cuda_identity(programs)} if "ptx" in programs.get("predict", {}) else {}),
+        "model": compiled.name, "optimizer": compiled.optimizer,
         "inputs": {k: str(t) for k, t in compiled.inputs.items()},
         "targets": {k: str(t) for k, t in compiled.targets.items()},
         "programs": programs, "loss": "ir/loss.gfir" if compiled.loss_graph is not None else None,
@@ -166,6 +168,39 @@ def _write(compiled, root: str, stages: dict[str, str]) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _copy_numba_cache(prog, root: str) -> None:
+    module = os.path.basename(prog.path)
+    stem = os.path.splitext(module)[0]
+    cached = glob.glob(os.path.join(os.path.dirname(prog.path), "__pycache__", f"{stem}.*"))
+    if not cached:
+        raise ArtifactError(f"no compiled code found for {module} (is Numba's cache disabled?)")
+    for c in cached:
+        shutil.copy2(c, os.path.join(root, "kernels", "__pycache__", os.path.basename(c)))
+
+
+def _write_ptx(prog, root: str) -> dict[str, str]:
+    """Every GPU kernel of ``prog`` as PTX for the pinned compute capability (no GPU needed):
+    ``{kernel: its file}``; a kernel that does not compile fails the save here, in words."""
+    from gradfuse.codegen import ptx
+    from gradfuse.codegen.cuda import kernel_types
+
+    os.makedirs(os.path.join(root, "ptx"), exist_ok=True)
+    files = {}
+    for kernel, text in ptx.kernel_ptx(prog.module, kernel_types(prog.kernels)).items():
+        rel = files[kernel] = f"ptx/{kernel}.ptx"
+        if not os.path.exists(os.path.join(root, rel)):  # the GEMMs are in both programs
+            with open(os.path.join(root, rel), "w", encoding="utf-8") as f:
+                f.write(text)
+    return files
+
+
+def _cuda_identity(programs: dict) -> dict[str, str]:
+    """The chip and PTX ISA the artifact's PTX was written for."""
+    from gradfuse.codegen import ptx
+
+    return {"compute_capability": f"{ptx.CC[0]}.{ptx.CC[1]}", "ptx_version": ptx.PTX_VERSION}
 
 
 def read_manifest(path: str) -> dict:
@@ -184,20 +219,24 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
-def verify(path: str, manifest: dict, target: str = TARGET, recompile: bool = False) -> None:
-    """Refuse an artifact that is not exactly what its manifest says, in words."""
+def verify(path: str, manifest: dict, target: str | None = None, recompile: bool = False) -> None:
+    """Refuse an artifact that is not exactly what its manifest says, in words (or, with
+    ``target``, one compiled for another target)."""
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(f"{path}: artifact format version {version}, this gradfuse reads version "
                             f"{FORMAT_VERSION}: recompile the model with this gradfuse")
-    if manifest.get("target") != target:
-        raise ArtifactError(f"{path}: compiled for target {manifest.get('target')!r}, not {target!r}")
+    if manifest.get("target") not in ("cpu", "cuda", "cudasim") or (target and manifest.get("target") != target):
+        raise ArtifactError(f"{path}: compiled for target {manifest.get('target')!r}, not {target or 'cpu'!r}")
     for rel, digest in manifest.get("files", {}).items():
         full = os.path.join(path, rel)
         if not os.path.isfile(full):
             raise ArtifactError(f"{path}: {rel} is missing")
         if _sha256(full) != digest:
             raise ArtifactError(f"{path}: {rel} does not match its hash in the manifest (corrupted or edited)")
+    if manifest["target"] != "cpu":
+        _require_device(path, manifest)
+        return  # the CPU's identity and Numba's version matter to Numba's CPU cache only
     here, there = cpu_identity(), manifest.get("cpu", {})
     if here != there and not recompile:
         differs = ", ".join(f"{k}: built for {there.get(k)!r}, this machine {here[k]!r}"
@@ -208,6 +247,18 @@ def verify(path: str, manifest: dict, target: str = TARGET, recompile: bool = Fa
     if versions.get("numba") != _versions()["numba"] and not recompile:
         raise ArtifactError(f"{path}: compiled with Numba {versions.get('numba')}, this is Numba "
                             f"{_versions()['numba']}; load it with recompile=True to compile its kernels again")
+
+
+def _require_device(path: str, manifest: dict) -> None:
+    from gradfuse.codegen.targets import get_backend
+
+    try:
+        get_backend(manifest["target"]).require()
+    except GradfuseError as e:
+        chip = manifest.get("cuda", {})
+        built = f" (PTX {chip.get('ptx_version')} for compute capability {chip.get('compute_capability')})" \
+            if chip else ""
+        raise ArtifactError(f"{path}: compiled for target {manifest['target']}{built}; {e}") from None
 
 
 def load(path: str, recompile: bool = False, check_cpu: bool = True):

@@ -20,6 +20,7 @@ from gradfuse.codegen.targets import get_backend
 from gradfuse.errors import InputError, NumericError
 from gradfuse.ir.graph import ArgKind, Graph
 from gradfuse.ir.registry import get_op
+from gradfuse.runtime.device import on_device, run_step
 
 DEFAULT_CACHE = os.environ.get("GRADFUSE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gradfuse"))
 
@@ -109,16 +110,20 @@ class Program:
         self._symbol_sources = [(d, i, axis) for d, (i, axis) in seen.items()]
         self._compiled_step = None  # checked_step under its signature, once compiled; False if it cannot be
         self._written = [kind is not ArgKind.input for kind, _ in self.graph.args]  # what a step may update
+        self.updates = frozenset(old.name for old, new in self.graph.updates if new is not old)
+        self._device = self.backend.target.name != "cpu"  # arguments and buffers in device memory
+        self._device_ready = False
 
     @classmethod
-    def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, target: str = "cpu",
+    def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, target: str = "cpu", backend=None,
                 shared: dict | None = None) -> Program:
-        """Lower ``graph`` (fused and planned) for ``target`` and load its module from the backend.
+        """Lower ``graph`` (fused and planned) for ``target`` and load its module from the backend
+        (``backend``: one configured otherwise than the target's, e.g. another block size).
         ``shared`` (CPU): the kernel functions of programs compiled before, which this one calls
         where its kernels have their code (the training step calls the predict program's); this
         program's are added."""
         start = time.perf_counter()
-        backend = get_backend(target)
+        backend = backend or get_backend(target)
         kernels = lower(graph, target)
         in_place = in_place_updates(graph, 256, target)
         # `step` in Python, `checked_step` for one_dispatch
@@ -175,6 +180,9 @@ class Program:
         arrays = []
         for kind, v, dtype, shape in self._signature:
             a = feeds[v.name]
+            if self._device and on_device(a):
+                arrays.append(self._check_device_array(kind, v, a, sizes))
+                continue
             if not isinstance(a, np.ndarray):
                 a = np.asarray(a, dtype=dtype)
             if a.dtype != dtype:
@@ -201,11 +209,31 @@ class Program:
             arrays.append(a)
         if self._products:
             for (kind, v, _, _), a in zip(self._signature, arrays, strict=True):
-                if v.type.concrete(sizes) != a.shape:
+                if v.type.concrete(sizes) != (a.shape if not on_device(a) or v.type.rank else ()):
                     raise InputError(f"%{v.name} ({kind.value}) expects {v.type}, got shape {list(a.shape)}")
         if self._index_checks:
             self._check_indices(dict(zip((v.name for _, v in g.args), arrays, strict=True)), sizes)
         return sizes, arrays
+
+    def _check_device_array(self, kind: ArgKind, v, a, sizes: dict[str, int]):
+        """A feed already in device memory: its dtype, shape (binding the batch symbols) and
+        layout checked as a host array's are; its values stay where they are."""
+        shape = v.type.shape
+        got = tuple(a.shape) if shape else ()
+        if a.dtype != v.type.dtype.np or len(got) != len(shape) or (not shape and a.size != 1):
+            raise InputError(f"%{v.name} ({kind.value}) expects {v.type}, got a device array "
+                             f"{a.dtype}{list(a.shape)}")
+        for want, n in zip(shape, got, strict=True):
+            if want.__class__ is str and "*" in want:
+                continue
+            if (sizes.setdefault(want, n) if want.__class__ is str else want) != n:
+                raise InputError(f"%{v.name} ({kind.value}) expects {v.type}, got a device array of shape "
+                                 f"{list(got)}" + (f" ({want}={sizes[want]} elsewhere)" if want in sizes else ""))
+        if not a.is_c_contiguous():
+            raise InputError(f"%{v.name}: the device array must be C-contiguous")
+        if self._checks and any(v in n.inputs for n, _ in self._checks):
+            raise InputError(f"%{v.name} is checked before a run (labels, ids in range): pass it as a host array")
+        return a
 
     def _check_indices(self, by_name: dict[str, np.ndarray], sizes: dict[str, int]) -> None:
         """What kernels assume of the arguments beyond dtype and shape, from the ops' records
@@ -230,18 +258,20 @@ class Program:
             if frozenset(u.arg for u in plan.updates if u.in_place) != self.in_place:
                 raise AssertionError(f"@{self.graph.name}: the memory plan at {sizes} writes other updates in place "
                                      "than the generated code assumes")
-            arena = np.empty(plan.peak, np.uint8)
+            arena = self.backend.empty((plan.peak,), np.uint8)
             args = [v.name for _, v in self.graph.args]
             out: list[np.ndarray | int] = []
             for v in self.kernels.buffers:
                 place = plan.values[v.name]
                 shape = v.type.concrete(sizes)
+                if self._device and not shape:
+                    shape = (1,)  # a 0-d value is one element on the device (x[0] in the kernels)
                 if place.offset is not None:
                     out.append(arena[place.offset:place.offset + place.nbytes].view(v.type.dtype.np).reshape(shape))
                 elif place.storage in args:
                     out.append(args.index(place.storage))
                 else:  # the plan keeps it in registers, but this kernel writes it: own allocation
-                    out.append(np.empty(shape, v.type.dtype.np))
+                    out.append(self.backend.empty(shape, v.type.dtype.np))
             self._buffers[key] = out
         return self._buffers[key]
 
@@ -258,18 +288,39 @@ class Program:
             launch = self._launches[tuple(sizes.items())] = self._launch(sizes)
         return self._call(self.module.step, launch, arrays)
 
+    def run_on_device(self, feeds: Mapping[str, object]) -> list:
+        """:meth:`run` on a device program, its outputs left in device memory (for work that
+        continues on the GPU, and for timing the kernels without the copy back)."""
+        if not self._device:
+            raise InputError(f"@{self.graph.name} runs on the CPU: use run()")
+        sizes, arrays = self.bind(feeds)
+        launch = self._launches.get(tuple(sizes.items()))
+        if launch is None:
+            launch = self._launches[tuple(sizes.items())] = self._launch(sizes)
+        self.require_device()
+        return run_step(self.module.step, launch, arrays, self._written, host_outputs=False)
+
     def _call(self, step, launch: _Launch, arrays: list[np.ndarray]) -> list[np.ndarray] | None:
+        if self._device:
+            self.require_device()
+            return run_step(step, launch, arrays, self._written)
         bufs = launch.buffers.copy()
         for at, shape, dtype in launch.fresh:
             bufs[at] = np.empty(shape, dtype)
         for at, arg, shape in launch.in_place:
             bufs[at] = arrays[arg].reshape(shape)
         before = {arg: arrays[arg].copy() for arg in launch.updated_outputs}  # returned as they came in
-        call = getattr(self.backend, "call", None)  # a device backend moves the arrays across
-        if (call(step, arrays, bufs, self._written) if call else step(*arrays, *bufs)):
+        if step(*arrays, *bufs):
             return None  # checked_step found a wrong shape and ran nothing
         return [bufs[at] if at is not None else before[arg] if arg in before else arrays[arg].copy()
                 for at, arg in launch.outputs]
+
+    def require_device(self) -> None:
+        """Refuse, in words and before anything is copied or launched, where the program's
+        device is missing (no GPU; the simulator not enabled)."""
+        if not self._device_ready:
+            self.backend.require()
+            self._device_ready = True
 
     def _run_compiled(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray] | None:
         """One compiled call that checks and runs: Numba's dispatcher matches every argument's
@@ -357,7 +408,7 @@ class Program:
         """Like :meth:`run`, kernel by kernel, stopping at the first kernel that writes a NaN or
         an infinity; the error names the kernel and the op and source line inside it that
         produced it first (found by replaying the kernel's nodes with the reference ops)."""
-        if getattr(self.backend, "call", None):
+        if self._device:
             raise InputError(f"checking kernel by kernel (--check) runs on the CPU backend, not {self.backend.name}: "
                              "compile for target='cpu' to find the op that makes a NaN")
         sizes, arrays = self.bind(feeds)

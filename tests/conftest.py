@@ -8,7 +8,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # the CUDA simulator's tests run in a pytest process of their own (scripts/test.sh): the variable
 # must be set before numba.cuda is imported, and it changes what numba.cuda is for everything else
-collect_ignore = [] if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" else ["cudasim"]
+collect_ignore = [] if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or \
+    os.environ.get("GRADFUSE_TEST_TARGET") == "cuda" else ["cudasim"]  # (the second: on a GPU, device_check.sh)
 EXAMPLES = os.path.join(ROOT, "examples")
 
 

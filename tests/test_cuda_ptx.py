@@ -3,7 +3,6 @@ with Numba CUDA to PTX for sm_90 (NVVM from the cuda-toolkit wheels; no GPU need
 
 import math
 import os
-import re
 import subprocess
 import sysconfig
 
@@ -82,24 +81,23 @@ def _example_kernels(example_model, name: str, tmp_path):
 
 @pytest.mark.parametrize("name", EXAMPLE_NAMES)
 def test_every_kernel_of_the_example_assembles_for_sm90(example_model, name, tmp_path):
-    """Each kernel compiles to PTX for sm_90 and ptxas (the pip wheel's) assembles it with no
-    register spills; the tiled GEMM uses shared memory."""
+    """Each kernel compiles to PTX for sm_90, and both ptxas (the pip wheel's) and nvJitLink
+    assemble it with no register spills; the tiled GEMM uses shared memory."""
+    from gradfuse.codegen import ptx as aot
+
     module, types = _example_kernels(example_model, name, tmp_path)
-    sources = {}
-    for kernel, signature in types.items():
-        ptx, _ = cuda.compile_ptx(getattr(module, kernel).py_func, signature, cc=(9, 0))
-        sources[kernel] = ptx
-    for F, t in (("f32", "float32"), ("f64", "float64")):
-        sources[f"gemm_{F}"], _ = cuda.compile_ptx(getattr(module, f"gemm_{F}").py_func,
-                                                   f"void({t}[:, :], {t}[:, :], {t}[:, :], int64, int64, int64, "
-                                                   "int64, int64)", cc=(9, 0))
+    sources = aot.kernel_ptx(module, types)
+    assert {"gemm_f32"} <= set(sources) and set(types) <= set(sources)
     for kernel, ptx in sources.items():
+        assert aot.ptx_version(ptx) == aot.PTX_VERSION, f"{kernel}: PTX ISA {aot.ptx_version(ptx)}"
         src = tmp_path / f"{kernel}.ptx"
         src.write_text(ptx)
         out = subprocess.run([PTXAS, "-arch=sm_90", "-v", str(src), "-o", str(tmp_path / f"{kernel}.cubin")],
                              capture_output=True, text=True)
         assert out.returncode == 0, f"{name} {kernel}: ptxas failed:\n{out.stderr}"
-        assert "0 bytes spill stores, 0 bytes spill loads" in out.stderr, f"{name} {kernel} spills:\n{out.stderr}"
+        cost = aot.parse_cost(out.stderr)
+        assert cost.spill_stores == cost.spill_loads == 0, f"{name} {kernel} spills:\n{out.stderr}"
+        cubin, linked = aot.assemble(ptx, kernel)
+        assert cubin[:4] == b"\x7fELF" and linked.spill_stores == linked.spill_loads == 0, f"{kernel}: {linked}"
         if kernel.startswith("gemm_"):
-            smem = re.search(r"Used \d+ registers, (?:used \d+ barriers, )?(\d+) bytes smem", out.stderr)
-            assert smem and int(smem.group(1)) > 0, f"{kernel}: no shared memory\n{out.stderr}"
+            assert cost.shared_bytes > 0, f"{kernel}: no shared memory\n{out.stderr}"

@@ -103,6 +103,35 @@ def test_the_transformer_page_opens_in_the_browser(browser, transformer_page):
     print(f"the transformer's page opened and drew in {seconds:.1f} s")
 
 
+def test_several_kernels_are_open_at_once(browser, transformer_page):
+    """A click on a second kernel of a layer opens it over its box beside the first; a click on one of
+    several open kernels closes it."""
+    _open(browser, transformer_page[0], "#kernels/s:blocks.5.mlp.0")
+    boxes = [e.get_attribute("data-g") for e in browser.find_elements("css selector", "#canvas g.group.kernel")]
+    assert len(boxes) >= 2
+    first, second = boxes[0], boxes[-1]
+
+    def click(gid):  # an event on the box itself: the first kernel's ops may lie over the second's box
+        browser.execute_script("document.querySelector(`#canvas g.group.kernel[data-g='${arguments[0]}']`)"
+                               ".dispatchEvent(new MouseEvent('click', {bubbles: true}))", gid)
+        return {e.get_attribute("data-g") for e in browser.find_elements("css selector", "#canvas rect.inset")}
+
+    def ops(gid):  # the op nodes drawn of a kernel, and those it has
+        drawn = {e.get_attribute("data-v") for e in browser.find_elements("css selector", "#canvas g.item.node")}
+        has = browser.execute_script("return gradfuseExplore.payload.views.find((v) => v.key === 'kernels').nodes"
+                                     ".filter((n) => n.g === arguments[0] && !n.h).map((n) => n.v)", gid)
+        return set(has) & drawn, set(has)
+
+    assert click(first) == {first}
+    assert click(second) == {first, second}
+    for gid in (first, second):
+        drawn, has = ops(gid)
+        assert has and drawn == has
+    assert browser.find_element("css selector", "#details h2").text.split()[:2] == ["kernel", second[2:]]
+    assert click(first) == {second}  # closed again
+    assert _errors(browser) == []
+
+
 def test_the_layout_takes_thousands_of_nodes_and_cycles_without_recursion():
     n = 6001  # where elkjs overflows its stack
     edges = [(i, i + 1) for i in range(n - 1)] + [(i, i + 7) for i in range(0, n - 7, 5)] + [(n - 1, 0)]

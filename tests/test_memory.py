@@ -285,3 +285,22 @@ def test_random_graphs_run_planned_as_interpreted(g, fused, reorder, batch, seed
     except InputError:  # e.g. a fixed batch dimension other than ``batch``
         return
     assert_same(g, plan, feeds, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model,optimizer", [("digits_attention", SGD(momentum=0.9)), ("residual_mlp", Adam())])
+def test_a_resumed_trial_order_is_the_order_from_scratch(steps, model, optimizer):
+    """The local search resumes each trial from a checkpoint of the order it varies: every update's
+    toggle, from both ends of the search, gives the order and cost of a full greedy run."""
+    from gradfuse.passes.memory import _Scheduler, symbol_sizes, units
+
+    g = steps(model, optimizer)[0]
+    sched = _Scheduler(g, symbol_sizes(g, BATCH), units(g))
+    updates = sched.constraining()
+    war = sched.war_edges(updates)
+    assert updates
+    for start in (updates, []):
+        base = sched.order(start, war)
+        for upd in updates:
+            keep = [u for u in updates if (u in start) != (u is upd)]
+            resumed, full = sched.order(keep, war, like=base), sched.order(keep, war)
+            assert (resumed.steps, resumed.cost) == (full.steps, full.cost)

@@ -115,7 +115,10 @@ def build_payload(st: Stages, batch: int = 256, *, profile: bool = False, health
     fused = result.graph
     fusion, plan = result.results["fuse"].data, result.results["memory-plan"].data
     lowered = lower(fused)
-    source = get_backend("cpu").print_module(lowered, in_place_updates(fused, 256))
+    # the updates written in place as Program.compile finds them, by a plan of this order at N=256: the plan made here
+    in_place = (frozenset(u.arg for u in plan.updates if u.in_place) if plan.batch == 256
+                else in_place_updates(fused, 256))
+    source = get_backend("cpu").print_module(lowered, in_place)
     # codegen numbers kernels in schedule order; the graph, the fusion report and the plan keep fusion's names
     fusion_name = {k.name: k.nodes[0].kernel for k in lowered.kernels if k.nodes and k.nodes[0].kernel}
 

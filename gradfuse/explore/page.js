@@ -25,13 +25,14 @@ for (const v of D.views) {
   views[v.key] = v;
 }
 const savedSet = new Set(D.saved.map((s) => s.v));
-const S = {view: D.views[0].key, group: "", selected: null, itemEls: new Map(), box: null};
+const S = {view: D.views[0].key, group: "", open: [], selected: null, itemEls: new Map(), box: null};
 
 // ---------- drawing ----------
 function itemKey(view, i) {
   // the key of the drawn item that shows node i in the current layout: the node, or the
   // collapsed box of its ancestor just off the expanded path
   const g = view.nodes[i].g;
+  if (S.open.includes(g)) return "n" + i;  // in a kernel drawn over its box
   const path = view.groups[S.group].chain;
   const chain = g ? view.groups[g].chain : [];
   let m = 0;
@@ -40,20 +41,27 @@ function itemKey(view, i) {
 }
 
 function show(viewKey, group) {
-  S.view = viewKey;
   const view = views[viewKey];
-  S.group = group in view.groups ? group : "";
-  let L = view.layouts[S.group], inset = null;
-  if (L.inset !== undefined) { inset = L; L = view.layouts[L.inset]; }  // a kernel: its ops over its box
+  group = group in view.groups ? group : "";
+  let L = view.layouts[group];
+  if (L.inset !== undefined) {  // a kernel: its ops over its box, with the kernels already open over that layout
+    const same = viewKey === S.view && S.open.length && view.layouts[S.open[0]].inset === L.inset;
+    S.open = (same ? S.open.filter((k) => k !== group) : []).concat([group]);
+    L = view.layouts[L.inset];
+  } else S.open = [];
+  S.view = viewKey;
+  S.group = group;
   const svg = $("canvas");
   const parts = [];
   drawLayout(view, L, parts, 0, 0, "");
-  if (inset) {
-    const box = L.items.find(([kind, ref]) => kind === "g" && ref === S.group);
+  S.shown = L.items.length;
+  S.open.forEach((k, j) => {
+    const inset = view.layouts[k], box = L.items.find(([kind, ref]) => kind === "g" && ref === k);
     const ox = box[2] - inset.w / 2, oy = box[3] + box[5] / 2 + 16;
-    parts.push(`<rect class="inset" x="${ox - 12}" y="${oy - 12}" width="${inset.w + 24}" height="${inset.h + 24}" rx="8"/>`);
-    drawLayout(view, inset, parts, ox, oy, "i");
-  }
+    parts.push(`<rect class="inset" data-g="${esc(k)}" x="${ox - 12}" y="${oy - 12}" width="${inset.w + 24}" height="${inset.h + 24}" rx="8"/>`);
+    drawLayout(view, inset, parts, ox, oy, "i" + j + "-");
+    S.shown += inset.items.length;
+  });
   svg.innerHTML = `<defs><marker id="arrow" viewBox="0 0 8 8" refX="8" refY="4" markerWidth="7" markerHeight="7" orient="auto">` +
     `<path d="M0,0L8,4L0,8z" fill="#98a2ad"/></marker></defs><g id="scene">${parts.join("")}</g>`;
   S.itemEls = new Map();
@@ -61,9 +69,8 @@ function show(viewKey, group) {
     S.itemEls.set(el.dataset.v !== undefined ? "n" + view.byValue.get(el.dataset.v) : "g" + el.dataset.g, el);
   }
   S.layout = L;
-  S.shown = L.items.length + (inset ? inset.items.length : 0);
   fit(false);
-  if (inset) centerOn(S.itemEls.get("g" + S.group));
+  if (S.open.length) centerOn(S.itemEls.get("g" + S.group));
   crumbs();
   for (const b of $("views").children) b.classList.toggle("on", b.dataset.key === viewKey);
 }
@@ -168,7 +175,10 @@ function centerOn(el, other) {
     if (drag && drag.moved) return;
     const el = e.target.closest("g.item");
     if (!el) return;
-    if (el.dataset.g !== undefined) openGroup(el.dataset.g);
+    if (el.dataset.g !== undefined && S.open.includes(el.dataset.g) && S.open.length > 1) {  // close that kernel
+      S.open = S.open.filter((k) => k !== el.dataset.g);
+      openGroup(S.open.pop());
+    } else if (el.dataset.g !== undefined) openGroup(el.dataset.g);
     else selectNode(S.view, views[S.view].byValue.get(el.dataset.v));
   });
   $("fit").onclick = (e) => { e.preventDefault(); fit(true); };

@@ -77,10 +77,10 @@ def kernel_reports(fused: Graph, report: FusionReport, plan: MemoryPlan, source:
     """Per kernel: kind, ops, traffic, the pairs not fused (and why), its memory-plan step and the
     placement of what it writes, and its source with each line's op. ``fusion_name``: the
     generated function of each kernel -> the kernel's name in the graph."""
-    functions = kernel_functions(source)
-    for alias, code in shared_kernels(source).items():  # the function that runs it, on its own buffers
+    functions, shared = kernel_functions(source), shared_kernels(source)
+    for alias, code in shared.items():  # the function that runs it, on its own buffers
         functions.setdefault(alias, functions.get(code, []))
-    funcs = {fusion_name.get(fn, fn): (shared_kernels(source).get(fn, fn), lines) for fn, lines in functions.items()}
+    funcs = {fusion_name.get(fn, fn): (shared.get(fn, fn), lines) for fn, lines in functions.items()}
     step_of = {s.name: s.index for s in plan.steps}
     by_name = {k.name: k for k in report.kernels}
     by_function = {fn: by_name[fusion_name.get(fn, fn)] for fn in functions if fusion_name.get(fn, fn) in by_name}
