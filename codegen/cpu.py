@@ -5,7 +5,7 @@ running a whole program costs one dispatch from Python (the CPU analogue of a CU
 module is written to disk and imported under a stable name, so Numba's on-disk cache works.
 
 Kernel shapes:
-- elementwise: nested loops over the output space (outer loop ``prange`` when large);
+- elementwise: nested loops over the output space;
 - gemm: CBLAS (numpy's OpenBLAS, :mod:`codegen.blas`) into a buffer, then the epilogue loop; an
   SGD update of the weight whose gradient it makes folds into the GEMM (alpha, beta);
 - reduction: per output element over trailing axes (rows), or accumulating into an array in
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import os
 import re
 import sys
@@ -31,18 +32,15 @@ from gradfuse.ir.registry import OpDef, role
 from . import blas
 from .collectives import collective_calls, is_host
 from .kernel_ir import CTOR, Kernel, KernelProgram, local_name
-from .loop_nests import SUM, For, Gemm, Let, Load, Scratch, Store, count, ix_text, kernel_body, missing_nest, size_of
+from .loop_nests import SUM, For, Gemm, Let, Load, Scratch, Store, count, ix_text, kernel_body, missing_nest
 from .scalar_lib import helper_source, helpers_used, ordered_helpers
 from .targets import TARGETS
 
 TARGET = TARGETS["cpu"]
 
-# At run time, loops smaller than this run serially: a parallel launch costs tens of µs, and next
-# to BLAS calls (whose threads spin after returning) parallel epilogues measured slower (MLP step
-# 6.5 vs 5.9 ms). A kernel gets a parallel version (and a serial twin) if its loops reach
-# PARALLEL_CANDIDATE at the nominal batch: the batch size decides at run time which one runs.
-PARALLEL_ELEMENTS = 1 << 20
-PARALLEL_CANDIDATE = 1 << 16
+# The kernels are serial (the GEMMs use OpenBLAS's threads). Numba's prange cost ~1 s of compile
+# per kernel, plus a serial twin for small batches, and measured no faster on this 2-core machine
+# (transformer block step, batch 16: 125 ms median with the parallel kernels, 126 without).
 # x / 0 gives inf or nan as in numpy (the reference), not Python's ZeroDivisionError, whose check
 # is a branch in every division of every loop
 NUMPY_ERRORS = "error_model='numpy'"
@@ -139,7 +137,7 @@ def update_in_gemm(k: Kernel, prog: KernelProgram) -> UpdateInGemm | None:
 
 class KernelPrinter:
     """Prints one kernel's loop nests (:mod:`codegen.loop_nests`) as the body of an ``@njit``
-    function; the outermost independent loop of a large nest becomes a ``prange``."""
+    function."""
 
     def __init__(self, k: Kernel, w: Writer, prog: KernelProgram | None = None,
                  in_place: frozenset[str] = frozenset()):
@@ -161,13 +159,13 @@ class KernelPrinter:
         body = kernel_body(k)
         if self.update is not None:  # the whole kernel is one GEMM that also updates the weight
             body = [s for s in body if not isinstance(s, For | Gemm)] + [self.update]
-        self.stmts(body, top=True)
+        self.stmts(body)
 
-    def stmts(self, body: list, top: bool = False) -> None:
+    def stmts(self, body: list) -> None:
         for s in body:
-            self.stmt(s, top)
+            self.stmt(s)
 
-    def stmt(self, s, top: bool) -> None:
+    def stmt(self, s) -> None:
         w = self.w
         if isinstance(s, Let):
             w(f"{s.local} = {s.expr}")
@@ -180,33 +178,35 @@ class KernelPrinter:
             w(f"{s.name} = np.empty({shape}, {CTOR[s.dtype]})" if s.fill is None else
               f"{s.name} = np.full({shape}, {s.fill}, {CTOR[s.dtype]})")
         elif isinstance(s, For):
-            self.loop(s, top)
+            self.loop(s)
         elif isinstance(s, Gemm):
             mm = s.node
             gemm_call(w, mm, arr(mm.inputs[0]), arr(mm.inputs[1]), arr(mm.outputs[0]))
         elif isinstance(s, UpdateInGemm):
             mm = self.k.anchors[0]
             w(f"# SGD folded into the GEMM: {arr(s.new)} = {arr(s.param)} - lr * (op(a) @ op(b)), alpha=-lr, beta=1")
-            if s.param.name not in self.in_place:
-                w(f"{arr(s.new)}[...] = {arr(s.param)}")
+            if s.param.name not in self.in_place:  # a loop: `a[...] = b` compiles Numba's error message (~5 s)
+                ivars = [f"c{d}" for d in range(s.new.type.rank)]
+                for d, i in zip(s.new.type.shape, ivars, strict=True):
+                    w(f"for {i} in range({d}):")
+                    w.indent()
+                w(f"{arr(s.new)}[{', '.join(ivars)}] = {arr(s.param)}[{', '.join(ivars)}]")
+                w.dedent(len(ivars))
             gemm_call(w, mm, arr(mm.inputs[0]), arr(mm.inputs[1]), arr(s.new), alpha=f"-{local_name(s.lr)}",
                       beta=f"{CTOR[s.new.type.dtype]}(1.0)")
         else:
             raise AssertionError(s)
 
-    def loop(self, f: For, top: bool) -> None:
+    def loop(self, f: For) -> None:
         w = self.w
         for r in f.reductions:
             w(f"{r.acc} = {r.identity}")
-        # a prange where the work pays for a parallel launch (and Numba can split the reductions)
-        parallel = top and f.independent and f.work >= PARALLEL_CANDIDATE and \
-            all(r.combine == SUM for r in f.reductions)
-        for d, (v, e) in enumerate(zip(f.vars, f.extents, strict=True)):
-            w(f"for {v} in {'prange' if parallel and d == 0 else 'range'}({e}):")
+        for v, e in zip(f.vars, f.extents, strict=True):
+            w(f"for {v} in range({e}):")
             w.indent()
         self.stmts(f.body)
-        for r in f.reductions:  # a prange's sums are Numba's parallel reductions (which want +=)
-            if r.combine == SUM and (parallel or r.ctor not in ("f32", "f64")):
+        for r in f.reductions:
+            if r.combine == SUM and r.ctor not in ("f32", "f64"):
                 w(f"{r.acc} += {r.operand}")
             elif r.combine == SUM:
                 w(f"{r.acc} = accumulate_{r.ctor}({r.acc}, {r.operand})")
@@ -285,7 +285,7 @@ def _shape_mismatches(g, bound: dict[str, str]) -> list[str]:
     return out or ["False"]
 
 
-def _step_body(body: Writer, prog: KernelProgram, serial: dict[str, str], in_place: frozenset[str]) -> None:
+def _step_body(body: Writer, prog: KernelProgram, calls: dict[str, str], in_place: frozenset[str]) -> None:
     g = prog.graph
     returned = set(prog.buffers)
     starts, waits = collective_calls(prog, arr)
@@ -304,14 +304,7 @@ def _step_body(body: Writer, prog: KernelProgram, serial: dict[str, str], in_pla
             view = f"{arr(x)}.reshape({_shape_expr(y.type.shape)})"
             body(f"{arr(y)}[...] = {view}" if y in returned else f"{arr(y)} = {view}")
         else:
-            call = f"({', '.join(KernelPrinter(item, Writer()).signature())})"
-            if item.name in serial:
-                body(f"if {serial[item.name]} >= {PARALLEL_ELEMENTS}:")
-                body(f"    {item.name}{call}")
-                body("else:")
-                body(f"    {item.name}_serial{call}")
-            else:
-                body(f"{item.name}{call}")
+            body(calls[item.name])
             if in_flight:  # MPI progresses a non-blocking all-reduce only inside MPI calls
                 body("_dist.progress()")
     if starts:
@@ -325,57 +318,100 @@ def _shape_expr(shape) -> str:
     return "(" + "".join(f"{_dim(d)}, " for d in shape) + ")"
 
 
-def work_expr(k: Kernel) -> str:
-    """The element count of a kernel's largest loop, as an expression of its symbols."""
-    spaces = [lp.space for lp in (k.prologue, k.epilogue) if lp is not None]
-    spaces += [a.inputs[0].type.shape for a in k.anchors if a.inputs] + [v.type.shape for v in k.writes]
-    biggest = max(spaces, key=size_of, default=())
-    return " * ".join(_dim(d) for d in biggest) or "1"
-
-
 _NAMED = re.compile(r"\b[bvlt]_[A-Za-z0-9_]+")  # names made from value names: buffers, locals, loads, scratch
+# a number in generated code: floats (kept) first, then integers (which may become arguments)
+_NUMBER = re.compile(r"(?<![\w.])(\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|0[xX][0-9a-fA-F]+|\d+)(?![\w.])")
+
+
+def _is_int(token: str) -> bool:
+    return token.isdigit() or token[:2] in ("0x", "0X")
+
+
+def _code_lines(lines: list[str]) -> list[str]:
+    return [line for line in lines if not line.strip().startswith("#")]
+
+
+def integer_literals(lines: list[str]) -> list[int]:
+    """Every integer literal of a kernel's code (comments left out), in order: its extents,
+    offsets and constants (a dropout's stream), which may become arguments of shared code."""
+    return [int(m.group(0), 0) for line in _code_lines(lines) for m in _NUMBER.finditer(line) if _is_int(m.group(0))]
+
+
+def with_arguments(lines: list[str], names: dict[int, str]) -> list[str]:
+    """``lines`` with the integer literals at the positions of ``names`` (as counted by
+    :func:`integer_literals`) replaced by those names."""
+    at = itertools.count()
+    out = []
+    for line in lines:
+        if line.strip().startswith("#"):
+            out.append(line)
+            continue
+        out.append(_NUMBER.sub(lambda m: names.get(next(at), m.group(0)) if _is_int(m.group(0)) else m.group(0), line))
+    return out
 
 
 def canonical_kernel(signature: list[str], lines: list[str]) -> str:
     """A kernel's code with the names made from its values renamed in order (the parameters by
-    position), comments dropped: two kernels with the same canonical code compute the same
-    function of their arguments, so one compiled function serves both (identical layers)."""
+    position), its integer literals as ``#`` and comments dropped: kernels with the same canonical
+    code compute the same function of their arguments and their integers (identical layers,
+    layers of other widths, dropouts of other streams), so one compiled function serves them all,
+    taking as arguments the integers that differ."""
     names = {p: f"arg{i}" for i, p in enumerate(signature)}
 
     def rename(m) -> str:
         return names.setdefault(m.group(0), f"loc{len(names)}")
 
-    code = [_NAMED.sub(rename, line) for line in lines if not line.strip().startswith("#")]
+    code = [_NUMBER.sub(lambda m: "#" if _is_int(m.group(0)) else m.group(0), _NAMED.sub(rename, line))
+            for line in _code_lines(lines)]
     return ", ".join(_NAMED.sub(rename, p) for p in signature) + "\n" + "\n".join(code)
 
 
 def kernel_counts(source: str) -> tuple[int, int]:
     """(kernels compiled, kernels reusing another's code) in a module :func:`print_module` wrote."""
-    compiled = len(re.findall(r"^def k\w*\(", source, re.M)) - len(re.findall(r"^def k\w*_serial\(", source, re.M))
-    return compiled, len(re.findall(r"^# k\w+: the code of ", source, re.M))
+    return len(re.findall(r"^def k\w*\(", source, re.M)), len(re.findall(r"^# k\w+: the code of ", source, re.M))
 
 
-HEADER = '''"""Generated by gradfuse from @{name}; do not edit: {what}."""
+@dataclass
+class SharedCode:
+    """A kernel function other kernels may call: where it is, which of its code's integer literals
+    are arguments (``varying``, positions as :func:`integer_literals` counts them) and its own
+    integers (the others fixed in its code)."""
+    module: str | None  # the file of the module defining it (None: the module being printed)
+    function: str
+    varying: tuple[int, ...]
+    literals: tuple[int, ...]
+
+    def serves(self, literals: list[int]) -> bool:
+        fixed = set(range(len(self.literals))) - set(self.varying)
+        return len(literals) == len(self.literals) and all(literals[i] == self.literals[i] for i in fixed)
+
+
+HEADER = """\"\"\"Generated by gradfuse from @{name}; do not edit: {what}.\"\"\"
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 {imports}
 f32, f64, i32, i64, b1 = np.float32, np.float64, np.int32, np.int64, np.bool_
-'''
+"""
 
 
-def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset()) -> str:
+def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset(),
+                 shared: dict[str, SharedCode] | None = None) -> str:
     """The whole program as Python source: the kernels, a Python ``step`` calling them in order
     (a dispatch per kernel, but nothing compiled twice: Numba links every kernel into a jitted
     caller and compiles it all again), and ``checked_step``, which small programs compile for
     one dispatch per call. ``in_place`` names the updated arguments whose new value the runtime
-    has the kernels write straight into the argument (the memory plan): those need no copy."""
+    has the kernels write straight into the argument (the memory plan): those need no copy.
+
+    Kernels with the same canonical code (:func:`canonical_kernel`) share one function, which
+    takes the integers that differ between them as trailing arguments (``LITERALS`` has each
+    kernel's); ``shared`` holds the functions of modules printed before (the predict program's,
+    for the training step's), and gets this module's added (``module`` None)."""
     g = prog.graph
     kflags = FASTMATH  # the kernels' and the helpers' (which Numba inlines)
-    body = Writer()
-    serial: dict[str, str] = {}  # parallel kernel -> the element count that decides, at run time
-    shared: dict[str, str] = {}  # canonical code -> the kernel that defines it
+    shared = {} if shared is None else shared
+    printed = []  # (kernel, printer, lines, canonical code, integer literals)
     for k in prog.kernels:
         if is_host(k):  # no kernel: the step calls the runtime (codegen/collectives.py)
             continue
@@ -383,32 +419,42 @@ def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset()) ->
         kernel.indent()
         kp = KernelPrinter(k, kernel, prog, in_place)
         kp.print()
-        # parallel=True only where a prange was printed: it costs ~0.7 s of compile per kernel
-        parallel = any("prange(" in line for line in kernel.lines)
-        code = canonical_kernel(kp.signature(), kernel.lines)
-        first = shared.setdefault(code, k.name)
-        if first != k.name:  # the same code up to names as an earlier kernel (another layer): compiled once
-            body(f"# {k.name}: the code of {first} on its own buffers")
-            body.lines += [line.strip().replace("# %", "#   %", 1) for line in kernel.lines
-                           if line.strip().startswith("# %")]
-            body(f"{k.name} = {first}")
-            if parallel:
-                serial[k.name] = work_expr(k)
-                body(f"{k.name}_serial = {first}_serial")
-            body()
-            continue
-        body(f"@njit(cache=True, fastmath={kflags}, parallel={parallel}, nogil=True, {NUMPY_ERRORS})")
-        body(f"def {k.name}({', '.join(kp.signature())}):")
-        body.lines += kernel.lines
-        body("    return")
-        body()
-        if parallel:  # a serial twin for small batches: a parallel launch costs tens of microseconds
-            serial[k.name] = work_expr(k)
-            body(f"@njit(cache=True, fastmath={kflags}, parallel=False, nogil=True, {NUMPY_ERRORS})")
-            body(f"def {k.name}_serial({', '.join(kp.signature())}):")
-            body.lines += [line.replace("prange(", "range(") for line in kernel.lines]
+        printed.append((k, kp, kernel.lines, canonical_kernel(kp.signature(), kernel.lines),
+                        integer_literals(kernel.lines)))
+    # the integers that differ between the kernels of one code in this module become arguments
+    varying: dict[str, set[int]] = {}
+    for _, _, _, code, lits in printed:
+        first = next(p[4] for p in printed if p[3] == code)
+        varying.setdefault(code, set()).update(i for i, (a, b) in enumerate(zip(first, lits, strict=True)) if a != b)
+    body = Writer()
+    calls: dict[str, str] = {}  # kernel -> its call in the step
+    literals: dict[str, tuple[int, ...]] = {}  # kernel -> the integers its function takes
+    siblings: dict[str, str] = {}  # module file -> its name here
+    for k, kp, lines, code, lits in printed:
+        use = shared.get(code)
+        if use is not None and not use.serves(lits):
+            use = None  # the same code with other integers where that function has them fixed
+        if use is None:  # the first of its code: define the function
+            use = shared[code] = SharedCode(None, k.name, tuple(sorted(varying[code])), tuple(lits))
+            names = {i: f"lit{j}" for j, i in enumerate(use.varying)}
+            body(f"@njit(cache=True, fastmath={kflags}, nogil=True, {NUMPY_ERRORS})")
+            body(f"def {k.name}({', '.join(kp.signature() + list(names.values()))}):")
+            body.lines += with_arguments(lines, names)
             body("    return")
             body()
+        else:  # the same code up to names and integers as an earlier kernel (another layer): compiled once
+            where = use.function
+            if use.module is not None:
+                where = f"{siblings.setdefault(use.module, f'_module{len(siblings)}')}.{use.function}"
+            body(f"# {k.name}: the code of {where} on its own buffers")
+            body.lines += [line.strip().replace("# %", "#   %", 1) for line in lines if line.strip().startswith("# %")]
+            body(f"{k.name} = {where}")
+            body()
+        literals[k.name] = tuple(lits[i] for i in use.varying)
+        calls[k.name] = f"{k.name}({', '.join(kp.signature() + [str(x) for x in literals[k.name]])})"
+    body("LITERALS = {" + ", ".join(f"{name!r}: {lits!r}" for name, lits in literals.items() if lits) + "}"
+         "  # the integer arguments of kernels calling shared code")
+    body()
     # the step function: every kernel, in order; and the same behind shape checks, for the runtime
     # to compile with Numba under an explicit signature (one dispatch per call: see Program)
     args = [arr(v) for _, v in g.args]
@@ -416,7 +462,7 @@ def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset()) ->
     body(f"def step({', '.join(args + bufs)}):")
     body.indent()
     bound = _bind_symbols(body, g)
-    _step_body(body, prog, serial, in_place)
+    _step_body(body, prog, calls, in_place)
     body("return")
     body.dedent()
     body()
@@ -427,7 +473,7 @@ def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset()) ->
     checks = _shape_mismatches(g, bound)
     body(f"if ({checks[0]}" + "".join(f"\n{'    ' * (body.depth + 2)}or {c}" for c in checks[1:]) + "):")
     body("    return 1")
-    _step_body(body, prog, serial, in_place)
+    _step_body(body, prog, calls, in_place)
     body("return 0")
     body.dedent()
     code = "\n".join(body.lines)
@@ -438,8 +484,17 @@ def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset()) ->
                f"require_blas()  # codegen/blas.py {blas.SOURCE_HASH}\n") if "blas_gemm(" in code else ""
     if "_dist." in code:
         imports += "from gradfuse.runtime import distributed as _dist\n"
+    if siblings:  # kernels of a module printed before (the predict program's), loaded from beside this one
+        imports += "\nfrom gradfuse.codegen.cpu import import_sibling\n\n" + "".join(
+            f"{name} = import_sibling(__file__, {module!r})\n" for module, name in siblings.items())
     header = HEADER.format(name=g.name, what="one training/inference step as Numba kernels", imports=imports)
     return header + "\n\n" + "\n\n".join(helpers) + ("\n\n" if helpers else "") + code + "\n"
+
+
+def import_sibling(here: str, file: str):
+    """The generated module ``file`` in the folder of the module at ``here`` (the cache folder,
+    or an artifact's kernels/), imported once under its stable name."""
+    return CPUBackend.import_file(os.path.join(os.path.dirname(os.path.abspath(here)), file))
 
 
 class CPUBackend:
@@ -454,8 +509,9 @@ class CPUBackend:
         return missing_lowering(op)
 
     @staticmethod
-    def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset()) -> str:
-        return print_module(prog, in_place=in_place)
+    def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset(),
+                     shared: dict[str, SharedCode] | None = None) -> str:
+        return print_module(prog, in_place=in_place, shared=shared)
 
     @staticmethod
     def kernel_counts(source: str) -> tuple[int, int]:

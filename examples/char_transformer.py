@@ -5,6 +5,7 @@ next character of the help topics that ship with Python (``pydoc_data``, 465 KB)
     python examples/char_transformer.py        # trains ~5 minutes, reports, samples, writes out/char_transformer
     python examples/char_transformer.py --minutes 1 --layers 1
     python examples/char_transformer.py sample out/char_transformer --prompt "The with statement"
+    gradfuse sample out/char_transformer --prompt "The with statement"    # the same, from the CLI
     gradfuse train examples/char_transformer.py --optimizer adam --lr 0.004 --batch-size 16 --epochs 1 -o out/ct
 
 The loss is in nats per character; the report sets it beside bits per character and the unigram
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -24,6 +24,7 @@ import numpy as np
 import gradfuse as gf
 from gradfuse import datasets, nn
 from gradfuse import functional as F
+from gradfuse.sampling import sample
 
 LENGTH = 64  # characters of context
 VOCABULARY = 103  # len(set(datasets.python_topics()))
@@ -89,26 +90,6 @@ def held_out_loss(compiled, x: np.ndarray, y: np.ndarray, batch: int = 256) -> f
     return total / y.size
 
 
-def sample(compiled, vocabulary: np.ndarray, prompt: str, chars: int = 300, temperature: float = 0.8,
-           seed: int = 0, length: int = LENGTH) -> str:
-    """Continue ``prompt`` one character at a time, each drawn from softmax(logits / temperature)
-    at the last position of the window (the model's causal mask makes it the right place)."""
-    index = {c: i for i, c in enumerate(vocabulary.tolist())}
-    unknown = sorted({c for c in prompt if c not in index})
-    if unknown:
-        raise SystemExit(f"error: the prompt has characters the model never saw: {''.join(unknown)!r}")
-    rng = np.random.default_rng(seed)
-    ids = [index[c] for c in prompt] or [index[" "]]
-    for _ in range(chars):
-        window = ids[-length:]
-        x = np.full((1, length), index[" "], np.int64)
-        x[0, :len(window)] = window
-        logits = compiled.predict(x)[0, len(window) - 1].astype(np.float64) / temperature
-        p = np.exp(logits - logits.max())
-        ids.append(int(rng.choice(len(p), p=p / p.sum())))
-    return "".join(vocabulary[i] for i in ids)
-
-
 def train(minutes: float = 5.0, layers: int = 2, dim: int = 128, heads: int = 4, batch: int = 16, lr: float = 4e-3,
           output: str | None = "out/char_transformer", max_steps: int | None = None, quiet: bool = False):
     """Adam with a short warm-up and a cosine decay over the time budget; returns (compiled, report)."""
@@ -151,7 +132,7 @@ def train(minutes: float = 5.0, layers: int = 2, dim: int = 128, heads: int = 4,
 
         save(compiled, output)
         np.save(os.path.join(output, "vocabulary.npy"), d["vocabulary"])
-        say(f"wrote {output}; sample with: python {sys.argv[0]} sample {output} --prompt 'The '")
+        say(f"wrote {output}; sample with: gradfuse sample {output} --prompt 'The '")
     return compiled, d["vocabulary"], report
 
 

@@ -422,6 +422,29 @@ def _ranks(args):
     return w
 
 
+def cmd_sample(args) -> int:
+    """``gradfuse sample ARTIFACT --prompt ...``: text from a character model's artifact."""
+    import os
+
+    import numpy as np
+
+    from gradfuse.data import read_numpy
+    from gradfuse.runtime import artifact
+    from gradfuse.sampling import sample
+
+    vocabulary = args.vocabulary or os.path.join(args.artifact, "vocabulary.npy")
+    if not os.path.isdir(args.artifact):
+        raise GradfuseError(f"{args.artifact}: not an artifact directory (write one with gradfuse train -o or "
+                            "examples/char_transformer.py)")
+    if not os.path.exists(vocabulary):
+        raise GradfuseError(f"{vocabulary}: no vocabulary (the characters, in id order, as a .npy array): "
+                            "pass --vocabulary FILE.npy")
+    compiled = artifact.load(args.artifact, recompile=args.recompile)
+    print(sample(compiled, np.asarray(read_numpy(vocabulary, "vocabulary")), args.prompt, args.chars,
+                 args.temperature, args.seed))
+    return 0
+
+
 def cmd_train(args) -> int:
     import os
 
@@ -672,6 +695,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="shorter timing runs")
     _target_flag(bench)
     bench.set_defaults(run=cmd_bench)
+
+    sm = sub.add_parser("sample", help="continue a prompt with a character model's artifact "
+                                       "(examples/char_transformer.py)")
+    sm.add_argument("artifact", help="an artifact directory")
+    sm.add_argument("--prompt", default="The ", help="the text to continue")
+    sm.add_argument("--chars", type=int, default=300, help="characters to add")
+    sm.add_argument("--temperature", type=float, default=0.8, help="below 1: likelier characters, above: more varied")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--vocabulary", help="the characters in id order, a .npy (default: the artifact's vocabulary.npy)")
+    sm.add_argument("--recompile", action="store_true", help="accept an artifact built for another CPU")
+    sm.set_defaults(run=cmd_sample)
 
     check = sub.add_parser("check", help="parse and verify an IR file, print it back")
     check.add_argument("file", help="a .gfir text file")

@@ -5,13 +5,16 @@
 
 Cold: a new, empty cache folder, so Numba compiles every kernel; warm: the same folder again in
 another fresh process (Numba loads the cached machine code). Each time covers ``gf.compile`` and
-the first training step and prediction (where Numba compiles lazily), not the Python start-up.
+the first training step and prediction (where Numba compiles lazily), not the Python start-up;
+importing Numba is in it (gradfuse imports it on the first compile). ``cpu`` is the process's CPU
+time over the same span, which other work on a shared machine inflates less than the wall time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -44,12 +47,12 @@ else:
     sys.path.insert(0, "examples")
     import char_transformer
     model, opt = char_transformer.make_model(), gf.Adam()
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 compiled = gf.compile(model, opt, cache_dir=cache)
 warm_up(compiled)
-t2 = time.perf_counter()
+t2, c2 = time.perf_counter(), time.process_time()
 counts = [p.kernel_counts for p in (compiled.predict_program, compiled.train_program) if p is not None]
-print(json.dumps({"import": t1 - t0, "compile": t2 - t1, "kernels": counts}))
+print(json.dumps({"import": t1 - t0, "compile": t2 - t1, "cpu": c2 - c1, "kernels": counts}))
 """
 
 
@@ -67,8 +70,9 @@ def main(argv=None) -> None:
             cold = measure(name, cache)
             warm = measure(name, cache)
         kernels = ", ".join(f"{c} compiled + {r} reused" for c, r in cold["kernels"])
-        print(f"{name:12s} cold {cold['compile']:6.2f} s  warm {warm['compile']:5.2f} s  "
-              f"(import {cold['import']:.1f} s; kernels predict/train: {kernels})  {MODELS[name]}")
+        print(f"{name:12s} cold {cold['compile']:6.2f} s (cpu {cold['cpu']:.2f})  warm {warm['compile']:5.2f} s "
+              f"(cpu {warm['cpu']:.2f})  (import {cold['import']:.1f} s; kernels predict/train: {kernels}; "
+              f"load average {os.getloadavg()[0]:.1f})  {MODELS[name]}", flush=True)
 
 
 if __name__ == "__main__":

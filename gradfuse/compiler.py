@@ -196,14 +196,15 @@ def compile(model: Model, optimizer: SGD | Adam | None = None, cache_dir: str = 
                             for p in pipeline.split(","))
     traced = model.trace()
     forward = cached_pipeline(precise(traced), pipeline, cache_dir)
-    predict = Program.compile(forward, cache_dir, target)
+    shared = {} if target == "cpu" else None  # the training step calls the predict program's kernels
+    predict = Program.compile(forward, cache_dir, target, shared=shared)
     weights = {k: np.ascontiguousarray(v) for k, v in model.initial_values(dt).items()}
     train = None
     optimizer = optimizer or SGD()
     if model.loss is not None:  # the passes from the loss graph: autodiff, the optimizer, then the pipeline
         step_graph = cached_pipeline(precise(model.trace(train=True, with_loss=True)),
                                      f"{training_passes(optimizer, workers, bucket_mb)},{pipeline}", cache_dir)
-        train = Program.compile(step_graph, cache_dir, target)
+        train = Program.compile(step_graph, cache_dir, target, shared=shared)
         _add_missing_state(step_graph, weights)  # optimizer state (momentum, moments, step) starts at zero
     _add_missing_state(forward, weights)
     loss = precise(trace_loss(model, traced.outputs[0].type)) if model.loss is not None else None

@@ -308,8 +308,8 @@ class Fuser:
                 p = self.producer.get(v)
                 if p is not None and self.group_of.get(p) not in (None, grp) and self.group_of[p] not in out:
                     out.append(self.group_of[p])
-                if v in self.immediates:
-                    continue
+                if v in self.immediates or v.type.rank == 0:  # reading the same scalar (lr) saves nothing,
+                    continue  # and every optimizer update reads it: they would all become one kernel
                 for u in self.users[v]:
                     if self.group_of.get(u) not in (None, grp) and self.group_of[u] not in out:
                         out.append(self.group_of[u])

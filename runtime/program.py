@@ -115,15 +115,24 @@ class Program:
         self._device_ready = False
 
     @classmethod
-    def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, target: str = "cpu", backend=None) -> Program:
+    def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, target: str = "cpu", backend=None,
+                shared: dict | None = None) -> Program:
         """Lower ``graph`` (fused and planned) for ``target`` and load its module from the backend
-        (``backend``: one configured otherwise than the target's, e.g. another block size)."""
+        (``backend``: one configured otherwise than the target's, e.g. another block size).
+        ``shared`` (CPU): the kernel functions of programs compiled before, which this one calls
+        where its kernels have their code (the training step calls the predict program's); this
+        program's are added."""
         start = time.perf_counter()
         backend = backend or get_backend(target)
         kernels = lower(graph, target)
         in_place = in_place_updates(graph, 256, target)
-        source = backend.print_module(kernels, in_place)  # `step` in Python, `checked_step` for one_dispatch
+        # `step` in Python, `checked_step` for one_dispatch
+        source = backend.print_module(kernels, in_place) if shared is None else \
+            backend.print_module(kernels, in_place, shared)
         module, path = backend.load(source, cache_dir, graph.name)
+        for code in (shared or {}).values():
+            if code.module is None:  # defined in the module just loaded
+                code.module = os.path.basename(path)
         prog = cls(graph, kernels, source, path, module, in_place=in_place, backend=backend)
         prog.compile_seconds = time.perf_counter() - start
         counts = getattr(backend, "kernel_counts", None)
@@ -339,8 +348,8 @@ class Program:
 
     def distinct_kernels(self) -> list[tuple[object, list]]:
         """(Numba dispatcher, its argument types) for every function the module compiles: one per
-        distinct kernel code (the layers that share one appear once), parallel ones with their
-        serial twins. The types are those run() passes: C-contiguous arrays, int64 sizes."""
+        distinct kernel code (the layers that share one appear once). The types are those run()
+        passes: C-contiguous arrays, int64 sizes and integers (a shared function's LITERALS)."""
         from numba import from_dtype, types
 
         seen, out = set(), []
@@ -351,13 +360,14 @@ class Program:
             seen.add(id(fn))
             buffers = dict.fromkeys(k.reads + k.writes)
             sig = [types.Array(from_dtype(v.type.dtype.np), v.type.rank, "C") for v in buffers]
-            sig += [types.int64] * len(k.symbols)
+            sig += [types.int64] * (len(k.symbols) + len(self._literals(k)))
             out.append((fn, sig))
-            twin = getattr(self.module, f"{k.name}_serial", None)
-            if twin is not None and id(twin) not in seen:
-                seen.add(id(twin))
-                out.append((twin, sig))
         return out
+
+    def _literals(self, k) -> tuple[int, ...]:
+        """The integers a kernel passes to the code it shares with others (its widths, a dropout's
+        stream), after its buffers and sizes."""
+        return getattr(self.module, "LITERALS", {}).get(k.name, ())
 
     def precompile(self, progress=None) -> None:
         """Compile (or load from Numba's cache) every distinct kernel now, calling ``progress()``
@@ -424,7 +434,8 @@ class Program:
                 continue
             overwritten = {v: values[v].copy() for v in item.reads  # updated in place: replay needs the old values
                            if any(np.shares_memory(values[v], values[w]) for w in item.writes)}
-            getattr(self.module, item.name)(*(env[p] for p in self.backend.kernel_arguments(item)))
+            getattr(self.module, item.name)(*(env[p] for p in self.backend.kernel_arguments(item)),
+                                            *self._literals(item))
             unwritten = self.backend.unwritten(item, self.kernels)  # e.g. a gradient that never leaves BLAS
             bad = [v for v in item.writes if v.type.dtype.is_float and v is not unwritten
                    and not np.all(np.isfinite(values[v]))]
@@ -455,7 +466,7 @@ class Program:
                     env[arg(item.outputs[0])] = values[item.outputs[0]]
                     continue
                 kernel = getattr(self.module, item.name)
-                args = [env[p] for p in self.backend.kernel_arguments(item)]
+                args = [env[p] for p in self.backend.kernel_arguments(item)] + list(self._literals(item))
                 start = time.perf_counter()
                 kernel(*args)
                 if run:

@@ -9,6 +9,9 @@ import os
 
 import pytest
 
+from gradfuse.cli import main as cli
+from gradfuse.errors import GradfuseError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -34,8 +37,15 @@ def test_char_transformer_trains_reports_and_samples(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "held-out:" in printed and "bits/char" in printed
     assert printed.split("sample with:")[-1].split("\n", 1)[1].startswith("def ")
-    with pytest.raises(SystemExit, match="never saw"):
+    with pytest.raises(GradfuseError, match="never saw"):
         ct.sample(compiled, vocabulary, "\x00", chars=1)
+    # the same from the command line: gradfuse sample ARTIFACT --prompt ...
+    assert cli(["sample", out, "--prompt", "def ", "--chars", "10", "--seed", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.endswith("\n") and printed.startswith("def ") and len(printed) == 15
+    assert set(printed[:-1]) <= set(vocabulary.tolist())
+    assert cli(["sample", out, "--prompt", "\x00"]) == 1 and "never saw" in capsys.readouterr().err
+    assert cli(["sample", str(tmp_path), "--prompt", "a"]) == 1 and "no vocabulary" in capsys.readouterr().err
 
 
 def test_deep_plain_gradients_vanish_and_residual_ones_do_not():

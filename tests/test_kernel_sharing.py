@@ -71,3 +71,34 @@ def test_the_progress_bar_shows_on_a_terminal_only():
     bar()
     bar.close()
     assert quick.getvalue() == ""
+
+
+class Widths(nn.Module):
+    """Layers of three widths, each with its dropout (its own stream): kernels that differ only in
+    integers (widths, stream numbers) share one function taking them as arguments."""
+
+    def __init__(self):
+        self.layers = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Dropout(0.25), nn.Linear(12, 16), nn.GELU(),
+                                    nn.Dropout(0.25), nn.Linear(16, 20), nn.GELU(), nn.Dropout(0.25))
+        self.head = nn.Linear(20, 3)
+
+    def forward(self, x):
+        return self.head(self.layers(x))
+
+
+def test_kernels_differing_in_integers_share_code_across_programs_and_compute_the_same(tmp_path):
+    model = gf.Model(Widths(), inputs={"x": "f32[N,8]"}, targets={"y": "i64[N]"}, loss=F.cross_entropy)
+    compiled = gf.compile(model, gf.SGD(momentum=0.9), cache_dir=str(tmp_path))
+    train = compiled.train_program
+    assert "LITERALS = {'k" in train.source  # the integers each kernel passes to shared code
+    assert "= _module0.k" in train.source  # the training step calls kernels of the predict program's module
+    x, y = randn((6, 8)), np.arange(6) % 3
+    want = gf.interpret(model.trace(), {"x": x, **model.initial_values()}).outputs[0]
+    np.testing.assert_allclose(compiled.predict(x), want, rtol=1e-5, atol=1e-5)
+    feeds = {**{k: v.copy() for k, v in compiled.weights.items()}, "x": x, "y": y, "lr": np.float32(0.1)}
+    reference = gf.interpret(train.graph, feeds).outputs
+    loss = compiled.train_step(x, y, lr=0.1)
+    np.testing.assert_allclose(loss, reference[0], rtol=1e-5)
+    checked = gf.compile(model, gf.SGD(momentum=0.9), cache_dir=str(tmp_path))
+    checked.check = True  # kernel by kernel (run_checked): the runtime passes each kernel's integers
+    assert abs(checked.train_step(x, y, lr=0.1) - loss) < 1e-5

@@ -20,14 +20,13 @@ def _arr(v: Value) -> str:
 
 
 def kernel_functions(source: str) -> dict[str, list[str]]:
-    """The generated module's kernel functions by name, each with its decorator (the serial twins of
-    parallel kernels left out: they are the same lines with ``range`` for ``prange``)."""
+    """The generated module's kernel functions by name, each with its decorator."""
     lines = source.splitlines()
     out: dict[str, list[str]] = {}
     i = 0
     while i < len(lines):
         m = re.match(r"def (\w+)\(", lines[i])
-        if m and not m.group(1).endswith("_serial") and m.group(1) not in ("step", "checked_step"):
+        if m and m.group(1) not in ("step", "checked_step"):
             start = i - 1 if i and lines[i - 1].startswith("@") else i
             j = i + 1
             while j < len(lines) and (not lines[j] or lines[j][0] in " \t#"):
@@ -44,8 +43,7 @@ def kernel_functions(source: str) -> dict[str, list[str]]:
 
 def shared_kernels(source: str) -> dict[str, str]:
     """Kernels whose code is another's (identical layers, compiled once): ``k12 = k5`` -> {k12: k5}."""
-    return {m.group(1): m.group(2) for m in re.finditer(r"^(k\w+) = (k\w+)$", source, re.M)
-            if not m.group(1).endswith("_serial")}
+    return {m.group(1): m.group(2) for m in re.finditer(r"^(k\w+) = (k\w+)$", source, re.M)}
 
 
 def mark_lines(lines: list[str], nodes: list[Node]) -> list[int]:
