@@ -350,19 +350,20 @@ def with_arguments(lines: list[str], names: dict[int, str]) -> list[str]:
     return out
 
 
-def canonical_kernel(signature: list[str], lines: list[str]) -> str:
+def canonical_kernel(signature: list[str], lines: list[str], integers_as_arguments: bool = True) -> str:
     """A kernel's code with the names made from its values renamed in order (the parameters by
     position), its integer literals as ``#`` and comments dropped: kernels with the same canonical
     code compute the same function of their arguments and their integers (identical layers,
     layers of other widths, dropouts of other streams), so one compiled function serves them all,
-    taking as arguments the integers that differ."""
+    taking as arguments the integers that differ. ``integers_as_arguments=False`` keeps them, for
+    a backend that compiles its widths in (codegen/cuda.py)."""
     names = {p: f"arg{i}" for i, p in enumerate(signature)}
 
     def rename(m) -> str:
         return names.setdefault(m.group(0), f"loc{len(names)}")
 
-    code = [_NUMBER.sub(lambda m: "#" if _is_int(m.group(0)) else m.group(0), _NAMED.sub(rename, line))
-            for line in _code_lines(lines)]
+    code = [_NUMBER.sub(lambda m: "#" if integers_as_arguments and _is_int(m.group(0)) else m.group(0),
+                        _NAMED.sub(rename, line)) for line in _code_lines(lines)]
     return ", ".join(_NAMED.sub(rename, p) for p in signature) + "\n" + "\n".join(code)
 
 

@@ -498,7 +498,9 @@ def print_module(prog: KernelProgram, block: int = 256, in_place: frozenset[str]
         printers.append(kp)
         mine = Writer()
         kp.kernels(mine)
-        code = canonical_kernel(kp.signature(), [line for line in mine.lines if not line.startswith("def ")])
+        # the widths stay in the code: a CUDA kernel compiles them in (no integer arguments here)
+        code = canonical_kernel(kp.signature(), [line for line in mine.lines if not line.startswith("def ")],
+                                integers_as_arguments=False)
         first = shared.setdefault(code, k.name)
         if first == k.name:
             kernels.lines += mine.lines
