@@ -99,3 +99,29 @@ def parse_cost(log: str) -> KernelCost:
 def costs(module, types: dict[str, str], cc: tuple[int, int] = CC) -> dict[str, tuple[str, KernelCost]]:
     """Each kernel's PTX and what it costs assembled: ``{name: (ptx, cost)}``."""
     return {name: (ptx, assemble(ptx, name, cc)[1]) for name, ptx in kernel_ptx(module, types, cc).items()}
+
+
+def with_costs(source: str, prog, cc: tuple[int, int] = CC) -> str:
+    """A printed CUDA module's source with each kernel's cost on the chip above its definition
+    (``show --stage kernels --target cuda``). ``prog``: the KernelProgram it was printed from."""
+    import os
+    import tempfile
+
+    from .cpu import CPUBackend
+    from .cuda import kernel_types
+
+    with tempfile.TemporaryDirectory() as tmp:  # imported as a file: Numba reads kernels' source from it
+        path = os.path.join(tmp, "gfcuda_show.py")
+        with open(path, "w") as f:
+            f.write(source)
+        found = costs(CPUBackend.import_file(path), kernel_types(prog), cc)
+    arch = f"sm_{cc[0]}{cc[1]}"
+    version = ptx_version(next(iter(found.values()))[0]) if found else "?"
+    lines = source.splitlines()
+    out = [f"# each kernel as PTX {version} for {arch}, assembled by nvJitLink: registers, shared memory, spills"]
+    for i, line in enumerate(lines):
+        name = line[4:line.index("(")] if line.startswith("def ") and "(" in line else None
+        if name in found and i and lines[i - 1].startswith("@cuda.jit"):
+            out.insert(len(out) - 1, f"# {name} on {arch}: {found[name][1]}")
+        out.append(line)
+    return "\n".join(out) + "\n"

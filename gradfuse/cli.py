@@ -55,38 +55,15 @@ def _stage_kernels(model, args) -> str:
     graph = _stage_fused(model, args)
     prog = lower(graph, args.target)
     source = get_backend(args.target).print_module(prog, in_place_updates(graph, 256, args.target))  # as compile does
-    return _with_costs(source, prog) if args.target == "cuda" else source
+    if args.target != "cuda":
+        return source
+    from gradfuse.codegen.ptx import with_costs
 
-
-def _with_costs(source: str, prog) -> str:
-    """The CUDA module's source with each kernel's cost on the chip above its definition: its PTX
-    for sm_90 assembled by nvJitLink (no GPU needed)."""
-    import os
-    import tempfile
-
-    from gradfuse.codegen import ptx
-    from gradfuse.codegen.cpu import CPUBackend
-    from gradfuse.codegen.cuda import kernel_types
-
-    with tempfile.TemporaryDirectory() as tmp:  # imported as a file: Numba reads kernels' source from it
-        path = os.path.join(tmp, "gfcuda_show.py")
-        with open(path, "w") as f:
-            f.write(source)
-        try:
-            costs = ptx.costs(CPUBackend.import_file(path), kernel_types(prog))
-        except (ImportError, OSError, RuntimeError) as e:  # NVVM or nvJitLink missing: the cuda extra
-            raise GradfuseError(f"--target cuda: each kernel's PTX and its cost need NVVM and nvJitLink from the "
-                                f"CUDA wheels (pip install 'gradfuse[cuda]'): {str(e).splitlines()[0]}") from None
-    arch = f"sm_{ptx.CC[0]}{ptx.CC[1]}"
-    version = ptx.ptx_version(next(iter(costs.values()))[0]) if costs else "?"
-    lines = source.splitlines()
-    out = [f"# each kernel as PTX {version} for {arch}, assembled by nvJitLink: registers, shared memory, spills"]
-    for i, line in enumerate(lines):
-        name = line[4:line.index("(")] if line.startswith("def ") and "(" in line else None
-        if name in costs and i and lines[i - 1].startswith("@cuda.jit"):
-            out.insert(len(out) - 1, f"# {name} on {arch}: {costs[name][1]}")
-        out.append(line)
-    return "\n".join(out) + "\n"
+    try:
+        return with_costs(source, prog)
+    except (ImportError, OSError, RuntimeError) as e:  # NVVM or nvJitLink missing: the cuda extra
+        raise GradfuseError(f"--target cuda: each kernel's PTX and its cost need NVVM and nvJitLink from the "
+                            f"CUDA wheels (pip install 'gradfuse[cuda]'): {str(e).splitlines()[0]}") from None
 
 
 def _stage_loops(model, args) -> str:
@@ -312,40 +289,6 @@ def _load_any(spec: str, args):
     return _compile_model(argparse.Namespace(**{**vars(args), "model": spec}))
 
 
-def _read_input(spec: str, compiled):
-    """The batch to run: a .npy file, or one array of a .npz (``data.npz:x_test``, or the array
-    named after the model's input), converted to the model's dtype where that loses nothing
-    but precision."""
-    import os
-
-    import numpy as np
-
-    from gradfuse.data import DataError, convert, read_numpy
-    from gradfuse.files import FileError
-
-    path, name = spec, None
-    if not os.path.exists(spec) and ":" in spec:
-        path, name = spec.rsplit(":", 1)
-    (input_name, want), *more = compiled.inputs.items()
-    if more:
-        raise GradfuseError(f"gradfuse run feeds one input, but {compiled.name} has "
-                            f"{', '.join(compiled.inputs)}: call it from Python (compiled.predict)")
-    x = read_numpy(path, "input")
-    if isinstance(x, dict):
-        name = name or next((k for k in (input_name, "x_test", "x") if k in x), None)
-        if name not in x:
-            raise FileError("input", path, f"a .npz of {', '.join(x) or 'nothing'}: say which array to run, e.g. "
-                                           f"--input {path}:{next(iter(x), 'x')}")
-        x = x[name]
-    if isinstance(x, np.ndarray) and x.ndim == len(want.shape) - 1 and x.ndim and x.dtype.kind in "fiub":
-        x = x[None]  # one example without its batch axis
-    try:
-        x = convert(f"input {spec}", np.asarray(x), want, [])
-    except DataError as e:
-        raise GradfuseError(str(e)) from None
-    return x
-
-
 def cmd_run(args) -> int:
     import time
 
@@ -357,7 +300,9 @@ def cmd_run(args) -> int:
     start = time.perf_counter()
     _, compiled = _load_any(args.artifact, args)
     loaded = time.perf_counter()
-    x = _read_input(args.input, compiled)
+    from gradfuse.data import read_batch
+
+    x = read_batch(args.input, compiled)
     if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
         rows = np.nonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0]
         print(f"warning: {args.input} holds NaN/Inf in {len(rows)} of {len(x)} examples (first: row {rows[0]}); "

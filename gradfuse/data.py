@@ -172,3 +172,35 @@ def check_data(data: Mapping[str, np.ndarray], inputs: Mapping[str, TensorType],
         merged.setdefault(what, []).append(name)
     return Dataset(list(signature), splits["train"], splits.get("test"),
                    [f"{', '.join(names)}: {what}" for what, names in merged.items()])
+
+
+def read_batch(spec: str, compiled):
+    """The batch ``gradfuse run`` feeds ``compiled``: a .npy file, or one array of a .npz
+    (``data.npz:x_test``, or the array named after the model's input), converted to the model's
+    dtype where that loses nothing but precision."""
+    import os
+
+    from gradfuse.errors import GradfuseError
+    from gradfuse.files import FileError
+
+    path, name = spec, None
+    if not os.path.exists(spec) and ":" in spec:
+        path, name = spec.rsplit(":", 1)
+    (input_name, want), *more = compiled.inputs.items()
+    if more:
+        raise GradfuseError(f"gradfuse run feeds one input, but {compiled.name} has "
+                            f"{', '.join(compiled.inputs)}: call it from Python (compiled.predict)")
+    x = read_numpy(path, "input")
+    if isinstance(x, dict):
+        name = name or next((k for k in (input_name, "x_test", "x") if k in x), None)
+        if name not in x:
+            raise FileError("input", path, f"a .npz of {', '.join(x) or 'nothing'}: say which array to run, e.g. "
+                                           f"--input {path}:{next(iter(x), 'x')}")
+        x = x[name]
+    if isinstance(x, np.ndarray) and x.ndim == len(want.shape) - 1 and x.ndim and x.dtype.kind in "fiub":
+        x = x[None]  # one example without its batch axis
+    try:
+        x = convert(f"input {spec}", np.asarray(x), want, [])
+    except DataError as e:
+        raise GradfuseError(str(e)) from None
+    return x
