@@ -17,7 +17,8 @@ cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is a dependency of g
 
 SIGNATURES = {  # each helper's type, F standing for its float type
     "floor_f": "F(F)", "ldexp_f": "F(F, F)", "fast_tanh": "F(F)", "fast_exp": "F(F)", "sigmoid": "F(F)",
-    "gelu_tanh": "F(F)", "gelu_none": "F(F)", "gelu_grad_tanh": "F(F, F)", "gelu_grad_none": "F(F, F)",
+    "gelu_tanh": "F(F)", "one_plus_erf": "F(F)", "gelu_none": "F(F)", "gelu_grad_tanh": "F(F, F)",
+    "gelu_grad_none": "F(F, F)",
     "hash32": "int64(int64)", "counter_uniform": "F(int64, int64, int64, int64)",
     "dropout": "F(F, int64, int64, int64, int64, F)",
 }
