@@ -90,18 +90,6 @@ def _dim(d) -> str:
     return str(d)
 
 
-def _index(access, ivars: list[str]) -> str:
-    parts = ["0" if a is None else ivars[a] for a in access.axes]
-    return "[" + ", ".join(parts) + "]" if parts else "[()]"
-
-
-def _flat_index(space, ivars: list[str]) -> str:
-    expr = "0"
-    for d, i in zip(space, ivars, strict=True):
-        expr = f"({expr}) * {_dim(d)} + {i}" if expr != "0" else i
-    return expr
-
-
 @dataclass(frozen=True)
 class UpdateInGemm:
     """``new = param - lr * (op(a) @ op(b))``: one GEMM with alpha = -lr, beta = 1 into ``new``
