@@ -32,15 +32,21 @@ from gradfuse.ir.registry import OpDef, role
 from . import blas
 from .collectives import collective_calls, is_host
 from .kernel_ir import CTOR, Kernel, KernelProgram, local_name
-from .loop_nests import SUM, For, Gemm, Let, Load, Scratch, Store, count, ix_text, kernel_body, missing_nest
+from .loop_nests import SUM, For, Gemm, Let, Load, Scratch, Store, count, ix_text, kernel_body, missing_nest, size_of
 from .scalar_lib import helper_source, helpers_used, ordered_helpers
 from .targets import TARGETS
 
 TARGET = TARGETS["cpu"]
 
-# The kernels are serial (the GEMMs use OpenBLAS's threads). Numba's prange cost ~1 s of compile
-# per kernel, plus a serial twin for small batches, and measured no faster on this 2-core machine
-# (transformer block step, batch 16: 125 ms median with the parallel kernels, 126 without).
+# The kernels are serial (the GEMMs use OpenBLAS's threads), but a kernel without a GEMM whose
+# loops are large at the nominal batch (PARALLEL_CANDIDATE elements) gets a parallel twin, its
+# outer loops a prange, which the step calls where the kernel's largest array has
+# PARALLEL_ELEMENTS or more. Numba compiles a twin (~1 s: parfors) on its first call only, so
+# programs that never run that large never pay for it. Beside BLAS calls, whose threads spin
+# after returning, parallel epilogues measured slower (MLP step 6.5 vs 5.9 ms): GEMM kernels stay
+# serial; GELU + LayerNorm over 4096x1024 (no GEMM) measured a third slower serial.
+PARALLEL_CANDIDATE = 1 << 16
+PARALLEL_ELEMENTS = 1 << 21
 # x / 0 gives inf or nan as in numpy (the reference), not Python's ZeroDivisionError, whose check
 # is a branch in every division of every loop
 NUMPY_ERRORS = "error_model='numpy'"
@@ -128,8 +134,9 @@ class KernelPrinter:
     function."""
 
     def __init__(self, k: Kernel, w: Writer, prog: KernelProgram | None = None,
-                 in_place: frozenset[str] = frozenset()):
+                 in_place: frozenset[str] = frozenset(), parallel: bool = False):
         self.k, self.w = k, w
+        self.parallel = parallel  # the outer loops of the nests parallel_loops picks as pranges
         self.update = update_in_gemm(k, prog) if prog is not None else None
         self.in_place = in_place
         self.params = [arr(v) for v in dict.fromkeys(k.reads + k.writes)]
@@ -147,7 +154,12 @@ class KernelPrinter:
         body = kernel_body(k)
         if self.update is not None:  # the whole kernel is one GEMM that also updates the weight
             body = [s for s in body if not isinstance(s, For | Gemm)] + [self.update]
-        self.stmts(body)
+        parallel = parallel_loops(body) if self.parallel else []
+        for s in body:
+            if isinstance(s, For):
+                self.loop(s, parallel=s in parallel)
+            else:
+                self.stmt(s)
 
     def stmts(self, body: list) -> None:
         for s in body:
@@ -157,8 +169,9 @@ class KernelPrinter:
         w = self.w
         if isinstance(s, Let):
             w(f"{s.local} = {s.expr}")
-        elif isinstance(s, Load):
-            w(f"{s.local} = {_buf(s.buf)}{_index(s.index)}")
+        elif isinstance(s, Load):  # a buffer in a written one's storage by that one's name: one array to LLVM
+            buf = self.k.same_storage.get(s.buf, s.buf) if isinstance(s.buf, Value) else s.buf
+            w(f"{s.local} = {_buf(buf)}{_index(s.index)}")
         elif isinstance(s, Store):
             w(f"{_buf(s.buf)}{_index(s.index)} {'+=' if s.add else '='} {s.local}")
         elif isinstance(s, Scratch):
@@ -185,12 +198,12 @@ class KernelPrinter:
         else:
             raise AssertionError(s)
 
-    def loop(self, f: For) -> None:
+    def loop(self, f: For, parallel: bool = False) -> None:
         w = self.w
         for r in f.reductions:
             w(f"{r.acc} = {r.identity}")
-        for v, e in zip(f.vars, f.extents, strict=True):
-            w(f"for {v} in range({e}):")
+        for d, (v, e) in enumerate(zip(f.vars, f.extents, strict=True)):
+            w(f"for {v} in {'prange' if parallel and d == 0 else 'range'}({e}):")
             w.indent()
         self.stmts(f.body)
         for r in f.reductions:
@@ -201,6 +214,21 @@ class KernelPrinter:
             else:
                 w(f"{r.acc} = {r.combine.format(a=r.acc, b=r.operand)}")
         w.dedent(len(f.vars))
+
+
+def parallel_loops(body: list) -> list[For]:
+    """The top-level nests of a kernel body worth a prange: independent iterations without a
+    reduction over them, PARALLEL_CANDIDATE elements at the nominal batch; none beside a GEMM."""
+    if any(isinstance(s, Gemm | UpdateInGemm) for s in body):
+        return []
+    return [s for s in body if isinstance(s, For) and s.vars and s.independent and not s.reductions
+            and s.work >= PARALLEL_CANDIDATE]
+
+
+def _largest(k: Kernel) -> Value:
+    """The array of ``k`` with the most elements at the nominal batch: its size decides, at run
+    time, whether the parallel twin runs."""
+    return max(dict.fromkeys(k.reads + k.writes), key=lambda v: size_of(v.type.shape))
 
 
 def _buf(b) -> str:
@@ -292,7 +320,8 @@ def _step_body(body: Writer, prog: KernelProgram, calls: dict[str, str], in_plac
             view = f"{arr(x)}.reshape({_shape_expr(y.type.shape)})"
             body(f"{arr(y)}[...] = {view}" if y in returned else f"{arr(y)} = {view}")
         else:
-            body(calls[item.name])
+            for line in calls[item.name].split("\n"):
+                body(line)
             if in_flight:  # MPI progresses a non-blocking all-reduce only inside MPI calls
                 body("_dist.progress()")
     if starts:
@@ -356,8 +385,10 @@ def canonical_kernel(signature: list[str], lines: list[str], integers_as_argumen
 
 
 def kernel_counts(source: str) -> tuple[int, int]:
-    """(kernels compiled, kernels reusing another's code) in a module :func:`print_module` wrote."""
-    return len(re.findall(r"^def k\w*\(", source, re.M)), len(re.findall(r"^# k\w+: the code of ", source, re.M))
+    """(kernels compiled, kernels reusing another's code) in a module :func:`print_module` wrote;
+    parallel twins not counted (compiled only where a run is that large)."""
+    return (len(re.findall(r"^def k\w*(?<!_parallel)\(", source, re.M)),
+            len(re.findall(r"^# k\w+: the code of ", source, re.M)))
 
 
 @dataclass
@@ -379,7 +410,7 @@ HEADER = """\"\"\"Generated by gradfuse from @{name}; do not edit: {what}.\"\"\"
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 {imports}
 f32, f64, i32, i64, b1 = np.float32, np.float64, np.int32, np.int64, np.bool_
 """
@@ -401,6 +432,7 @@ def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset(),
     kflags = FASTMATH  # the kernels' and the helpers' (which Numba inlines)
     shared = {} if shared is None else shared
     printed = []  # (kernel, printer, lines, canonical code, integer literals)
+    parallel: dict[str, list[str]] = {}  # kernel -> its parallel twin's lines (see PARALLEL_ELEMENTS)
     for k in prog.kernels:
         if is_host(k):  # no kernel: the step calls the runtime (codegen/collectives.py)
             continue
@@ -408,8 +440,13 @@ def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset(),
         kernel.indent()
         kp = KernelPrinter(k, kernel, prog, in_place)
         kp.print()
-        printed.append((k, kp, kernel.lines, canonical_kernel(kp.signature(), kernel.lines),
-                        integer_literals(kernel.lines)))
+        twin = Writer()
+        twin.indent()
+        KernelPrinter(k, twin, prog, in_place, parallel=True).print()
+        if twin.lines != kernel.lines:
+            parallel[k.name] = twin.lines
+        code = canonical_kernel(kp.signature(), kernel.lines) + ("\n# a parallel twin" if k.name in parallel else "")
+        printed.append((k, kp, kernel.lines, code, integer_literals(kernel.lines)))
     # the integers that differ between the kernels of one code in this module become arguments
     varying: dict[str, set[int]] = {}
     for _, _, _, code, lits in printed:
@@ -431,6 +468,12 @@ def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset(),
             body.lines += with_arguments(lines, names)
             body("    return")
             body()
+            if k.name in parallel:
+                body(f"@njit(cache=True, fastmath={kflags}, nogil=True, parallel=True, {NUMPY_ERRORS})")
+                body(f"def {k.name}_parallel({', '.join(kp.signature() + list(names.values()))}):")
+                body.lines += with_arguments(parallel[k.name], names)
+                body("    return")
+                body()
         else:  # the same code up to names and integers as an earlier kernel (another layer): compiled once
             where = use.function
             if use.module is not None:
@@ -438,9 +481,15 @@ def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset(),
             body(f"# {k.name}: the code of {where} on its own buffers")
             body.lines += [line.strip().replace("# %", "#   %", 1) for line in lines if line.strip().startswith("# %")]
             body(f"{k.name} = {where}")
+            if k.name in parallel:
+                body(f"{k.name}_parallel = {where}_parallel")
             body()
         literals[k.name] = tuple(lits[i] for i in use.varying)
-        calls[k.name] = f"{k.name}({', '.join(kp.signature() + [str(x) for x in literals[k.name]])})"
+        call = f"({', '.join(kp.signature() + [str(x) for x in literals[k.name]])})"
+        calls[k.name] = k.name + call
+        if k.name in parallel:
+            calls[k.name] = (f"if {arr(_largest(k))}.size >= {PARALLEL_ELEMENTS}:\n    {k.name}_parallel{call}\n"
+                             f"else:\n    {calls[k.name]}")
     body("LITERALS = {" + ", ".join(f"{name!r}: {lits!r}" for name, lits in literals.items() if lits) + "}"
          "  # the integer arguments of kernels calling shared code")
     body()

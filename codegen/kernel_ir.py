@@ -68,6 +68,7 @@ class Kernel:
     epilogue: Loop | None = None  # over the anchor's output space (or the whole kernel, if no anchor)
     finale: Loop | None = None  # over () after everything: elementwise ops on an earlier anchor's scalar
     symbols: list[str] = field(default_factory=list)  # batch-size symbols the kernel's code uses
+    same_storage: dict[Value, Value] = field(default_factory=dict)  # read buffer -> the written one in its storage
 
 
 @dataclass

@@ -50,11 +50,11 @@ def _stage_fused(model, args) -> Graph:
 def _stage_kernels(model, args) -> str:
     from gradfuse.codegen.kernel_ir import lower
     from gradfuse.codegen.targets import get_backend
-    from gradfuse.runtime.program import in_place_updates
+    from gradfuse.runtime.program import plan_storage
 
     graph = _stage_fused(model, args)
     prog = lower(graph, args.target)
-    source = get_backend(args.target).print_module(prog, in_place_updates(graph, 256, args.target))  # as compile does
+    source = get_backend(args.target).print_module(prog, plan_storage(prog, 256, args.target))  # as compile does
     if args.target != "cuda":
         return source
     from gradfuse.codegen.ptx import with_costs

@@ -75,16 +75,16 @@ def warm_up(compiled, batch_sizes=(2,)) -> None:
     compiles every kernel now (into the module's on-disk cache, which an artifact copies) and
     the buffers of those sizes are laid out before anything is timed."""
     from gradfuse.compiler import CompiledModel
+    from gradfuse.runtime.compile_workers import compile_all
     from gradfuse.runtime.program import CompileProgress
 
     programs = [p for p in (compiled.predict_program, compiled.train_program) if p is not None]
     if programs[0]._device:
         return  # GPU kernels: their PTX is written instead (_write_ptx); nothing runs where there may be no GPU
-    todo = [p.distinct_kernels() for p in programs]
-    bar = CompileProgress(sum(len(t) for t in todo))
+    todo = list({id(fn): (fn, sig) for p in programs for fn, sig in p.distinct_kernels()}.values())
+    bar = CompileProgress(len(todo))
     try:
-        for p in programs:
-            p.precompile(bar)
+        compile_all(todo, bar)
     finally:
         bar.close()
     scratch = CompiledModel(compiled.name, compiled.inputs, compiled.targets, compiled.predict_program,
@@ -268,7 +268,7 @@ def load(path: str, recompile: bool = False, check_cpu: bool = True):
     from gradfuse.codegen.targets import get_backend
     from gradfuse.compiler import CompiledModel
     from gradfuse.ir.parser import parse_graph
-    from gradfuse.runtime.program import Program
+    from gradfuse.runtime.program import Program, plan_storage
 
     path = os.path.abspath(path)
     manifest = read_manifest(path)
@@ -285,7 +285,9 @@ def load(path: str, recompile: bool = False, check_cpu: bool = True):
             module = backend.import_file(module_path)
         except ImportError as e:  # e.g. kernels calling a BLAS this machine's numpy does not bundle
             raise ArtifactError(f"{path}: {info['module']}: {e}") from None
-        programs[name] = Program(graph, lower(graph, backend.name), source, module_path, module,
+        kernels = lower(graph, backend.name)
+        plan_storage(kernels, 256, backend.name)  # the storage the module's code assumes shared
+        programs[name] = Program(graph, kernels, source, module_path, module,
                                  in_place=frozenset(info["in_place"]), backend=backend)
     with np.load(os.path.join(path, "weights.npz"), allow_pickle=False) as f:
         weights = {k: np.array(f[k]) for k in f.files}

@@ -25,13 +25,26 @@ from gradfuse.runtime.device import on_device, run_step
 DEFAULT_CACHE = os.environ.get("GRADFUSE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gradfuse"))
 
 
-def in_place_updates(graph: Graph, batch: int, target: str = "cpu") -> frozenset[str]:
-    """The updated arguments the memory plan writes in place (the same at every batch size: it
-    depends on the schedule, not on sizes)."""
+def plan_storage(kernels: KernelProgram, batch: int = 256, target: str = "cpu") -> frozenset[str]:
+    """The updated arguments the memory plan writes in place; and on each kernel, the buffers it
+    reads whose storage one it writes takes over (``Kernel.same_storage``: the printers load them
+    by the written array's name, so LLVM sees one array and vectorises the loop instead of
+    falling back to scalar code when its run-time overlap check fails). Both depend on the
+    schedule, not on sizes; :meth:`Program.buffers` checks that at each size it plans."""
     from gradfuse.passes.memory import plan_memory
 
-    plan = plan_memory(graph, batch=batch, reorder=False, target=target)
+    plan = plan_memory(kernels.graph, batch=batch, reorder=False, target=target)
+    fresh = set(kernels.graph.outputs)  # run() returns outputs in arrays of their own, whatever the plan
+    for k in kernels.kernels:
+        k.same_storage = {x: y for y in k.writes for x in k.reads
+                          if x is not y and not {x, y} & fresh and _same_storage(plan, x, y)}
     return frozenset(u.arg for u in plan.updates if u.in_place)
+
+
+def _same_storage(plan, x, y) -> bool:
+    px, py = plan.values.get(x.name), plan.values.get(y.name)
+    return (px is not None and py is not None and x.type == y.type and px.storage is not None
+            and (px.storage, px.offset) == (py.storage, py.offset))
 
 
 class CompileProgress:
@@ -125,7 +138,7 @@ class Program:
         start = time.perf_counter()
         backend = backend or get_backend(target)
         kernels = lower(graph, target)
-        in_place = in_place_updates(graph, 256, target)
+        in_place = plan_storage(kernels, 256, target)
         # `step` in Python, `checked_step` for one_dispatch
         source = backend.print_module(kernels, in_place) if shared is None else \
             backend.print_module(kernels, in_place, shared)
@@ -258,6 +271,10 @@ class Program:
             if frozenset(u.arg for u in plan.updates if u.in_place) != self.in_place:
                 raise AssertionError(f"@{self.graph.name}: the memory plan at {sizes} writes other updates in place "
                                      "than the generated code assumes")
+            for k in self.kernels.kernels:
+                if not all(_same_storage(plan, x, y) for x, y in k.same_storage.items()):
+                    raise AssertionError(f"@{self.graph.name}: the memory plan at {sizes} does not share the storage "
+                                         f"{k.name}'s code reads through the arrays it writes")
             arena = self.backend.empty((plan.peak,), np.uint8)
             args = [v.name for _, v in self.graph.args]
             out: list[np.ndarray | int] = []
@@ -372,13 +389,9 @@ class Program:
     def precompile(self, progress=None) -> None:
         """Compile (or load from Numba's cache) every distinct kernel now, calling ``progress()``
         after each: what the first run would do lazily, but countable for a progress bar."""
-        for fn, sig in self.distinct_kernels():
-            try:
-                fn.compile(tuple(sig))
-            except Exception:  # noqa: BLE001 - the first run compiles it lazily instead (and says why)
-                pass
-            if progress is not None:
-                progress()
+        from gradfuse.runtime.compile_workers import compile_all
+
+        compile_all(self.distinct_kernels(), progress)
 
     def compile_checked_step(self) -> None:
         """Compile ``checked_step`` under its signature now (the backend caches it beside the

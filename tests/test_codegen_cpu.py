@@ -32,6 +32,7 @@ from strategies import f32, run_both
 
 import gradfuse as gf
 from gradfuse.codegen import blas
+from gradfuse.codegen.cpu import PARALLEL_ELEMENTS
 from gradfuse.codegen.kernel_ir import Kernel
 from gradfuse.ir.graph import ArgKind, Graph, GraphBuilder, Value
 from gradfuse.ir.ops.random import counter_uniform
@@ -675,8 +676,8 @@ def test_example_training_step_matches_the_interpreter(example_steps, name):
 
 
 def test_large_batches_agree_with_the_interpreter(kernel_cache):
-    """A row kernel, an elementwise chain and a reduction over 2^20 elements (the size that once
-    took prange versions of the kernels), once."""
+    """A row kernel, an elementwise chain and a reduction over 2^21 elements, where the step runs
+    the kernels' parallel twins (codegen/cpu.py: PARALLEL_ELEMENTS), and over a few."""
     b = GraphBuilder("big")
     z = b.arg("z", f32("N", 64, 64))
     y = b.arg("y", TensorType(DType.i64, ("N", 64)))
@@ -685,9 +686,10 @@ def test_large_batches_agree_with_the_interpreter(kernel_cache):
     s = b.emit1("sum", e, attrs={"axes": [2]})
     g = fuse(b.finish([loss, e, s]), batch=256)[0]
     prog = Program.compile(g, kernel_cache)
-    assert "prange" not in prog.source
+    assert "prange(" in prog.source
     rng = np.random.default_rng(0)
-    feeds = {"z": rng.standard_normal((256, 64, 64), dtype=np.float32), "y": rng.integers(0, 64, (256, 64))}
-    ref = gf.interpret(g, feeds).outputs
-    for got, want in zip(prog.run(feeds), ref, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for n in (PARALLEL_ELEMENTS // (64 * 64), 3):
+        feeds = {"z": rng.standard_normal((n, 64, 64), dtype=np.float32), "y": rng.integers(0, 64, (n, 64))}
+        ref = gf.interpret(g, feeds).outputs
+        for got, want in zip(prog.run(feeds), ref, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

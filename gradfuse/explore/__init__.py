@@ -106,7 +106,7 @@ def build_payload(st: Stages, batch: int = 256, *, profile: bool = False, health
     from gradfuse.codegen.kernel_ir import lower
     from gradfuse.codegen.targets import get_backend
     from gradfuse.passes.manager import run_pipeline
-    from gradfuse.runtime.program import in_place_updates
+    from gradfuse.runtime.program import plan_storage
 
     from . import data, reports
 
@@ -115,9 +115,7 @@ def build_payload(st: Stages, batch: int = 256, *, profile: bool = False, health
     fused = result.graph
     fusion, plan = result.results["fuse"].data, result.results["memory-plan"].data
     lowered = lower(fused)
-    # the updates written in place as Program.compile finds them, by a plan of this order at N=256: the plan made here
-    in_place = (frozenset(u.arg for u in plan.updates if u.in_place) if plan.batch == 256
-                else in_place_updates(fused, 256))
+    in_place = plan_storage(lowered, 256)  # as Program.compile plans it
     source = get_backend("cpu").print_module(lowered, in_place)
     # codegen numbers kernels in schedule order; the graph, the fusion report and the plan keep fusion's names
     fusion_name = {k.name: k.nodes[0].kernel for k in lowered.kernels if k.nodes and k.nodes[0].kernel}
