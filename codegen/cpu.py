@@ -17,6 +17,7 @@ Kernel shapes:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -134,9 +135,8 @@ class KernelPrinter:
     function."""
 
     def __init__(self, k: Kernel, w: Writer, prog: KernelProgram | None = None,
-                 in_place: frozenset[str] = frozenset(), parallel: bool = False):
+                 in_place: frozenset[str] = frozenset()):
         self.k, self.w = k, w
-        self.parallel = parallel  # the outer loops of the nests parallel_loops picks as pranges
         self.update = update_in_gemm(k, prog) if prog is not None else None
         self.in_place = in_place
         self.params = [arr(v) for v in dict.fromkeys(k.reads + k.writes)]
@@ -145,16 +145,23 @@ class KernelPrinter:
     def signature(self) -> list[str]:
         return self.params + self.symbols
 
-    def print(self) -> None:
+    @functools.cached_property
+    def body(self) -> list:
+        body = kernel_body(self.k)
+        if self.update is not None:  # the whole kernel is one GEMM that also updates the weight
+            body = [s for s in body if not isinstance(s, For | Gemm)] + [self.update]
+        return body
+
+    def print(self, parallel: bool = False) -> None:
+        """The kernel's statements into ``self.w``; with ``parallel``, the outer loops of the nests
+        :func:`parallel_loops` picks as pranges (the parallel twin)."""
         k, w = self.k, self.w
         for n in k.nodes:
             where = " ".join(p for p in (str(n.loc) if n.loc else "", f"@{n.scope}" if n.scope else "") if p)
             w(f"# %{n.outputs[0].name} = {n.op} {', '.join('%' + v.name for v in n.inputs)}"
               + (f"  ({where})" if where else ""))
-        body = kernel_body(k)
-        if self.update is not None:  # the whole kernel is one GEMM that also updates the weight
-            body = [s for s in body if not isinstance(s, For | Gemm)] + [self.update]
-        parallel = parallel_loops(body) if self.parallel else []
+        body = self.body
+        parallel = parallel_loops(body) if parallel else []
         for s in body:
             if isinstance(s, For):
                 self.loop(s, parallel=s in parallel)
@@ -440,11 +447,11 @@ def print_module(prog: KernelProgram, in_place: frozenset[str] = frozenset(),
         kernel.indent()
         kp = KernelPrinter(k, kernel, prog, in_place)
         kp.print()
-        twin = Writer()
-        twin.indent()
-        KernelPrinter(k, twin, prog, in_place, parallel=True).print()
-        if twin.lines != kernel.lines:
-            parallel[k.name] = twin.lines
+        if parallel_loops(kp.body):
+            kp.w = Writer()
+            kp.w.indent()
+            kp.print(parallel=True)
+            parallel[k.name], kp.w = kp.w.lines, kernel
         code = canonical_kernel(kp.signature(), kernel.lines) + ("\n# a parallel twin" if k.name in parallel else "")
         printed.append((k, kp, kernel.lines, code, integer_literals(kernel.lines)))
     # the integers that differ between the kernels of one code in this module become arguments

@@ -400,6 +400,11 @@ def _bench_cnn(quick: bool, cache: str) -> list[Measurement]:
             steps["torch.compile"] = lambda: torch_step(fast)
         except Exception as e:  # noqa: BLE001 - no C++ compiler, ...: say so, measure the rest
             out.append(Measurement(name, "torch.compile", math.nan, f"failed: {type(e).__name__}: {str(e)[:80]}"))
+    if _jax() is not None:
+        from gradfuse.bench_jax import cnn_step
+
+        steps["jax jit"], first = cnn_step(compiled["auto"].weights, x, y)
+        out.append(Measurement("cnn train-step compile, jax jit", "jax", first, "jax.jit: trace, XLA, first step"))
     rows = side_by_side(name, steps, 0.3 if quick else 1.0)
     if _jax() is None:
         rows.append(Measurement(name, "jax jit", math.nan, "not measured: JAX is not installed (.[bench] has it)"))
@@ -528,6 +533,11 @@ def bench_transformer(quick: bool) -> list[Measurement]:
         notes["pytorch"] = "not installed"
     if _jax() is None:
         notes["jax"] = "not installed"
+    else:
+        from gradfuse.bench_jax import block_step
+
+        steps["jax jit"], first = block_step(model.initial_values(), x, y, b["heads"])
+        notes["jax jit"] = f"compile + first step {first:.1f} s"
     out += side_by_side(name, steps, 0.5 if quick else 2.0)
     for m in out:
         if m.implementation in notes:

@@ -126,6 +126,7 @@ class Program:
         self.updates = frozenset(old.name for old, new in self.graph.updates if new is not old)
         self._device = self.backend.target.name != "cpu"  # arguments and buffers in device memory
         self._device_ready = False
+        self._precompiled = False  # every distinct kernel compiled (see _compile_kernels)
 
     @classmethod
     def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, target: str = "cpu", backend=None,
@@ -300,6 +301,7 @@ class Program:
             if out is not None:
                 return out
         sizes, arrays = self.bind(feeds)
+        self._compile_kernels()
         launch = self._launches.get(tuple(sizes.items()))
         if launch is None:
             launch = self._launches[tuple(sizes.items())] = self._launch(sizes)
@@ -386,17 +388,31 @@ class Program:
         stream), after its buffers and sizes."""
         return getattr(self.module, "LITERALS", {}).get(k.name, ())
 
+    def _compile_kernels(self) -> None:
+        """Before the first run: every distinct kernel compiled (or loaded from Numba's cache) at
+        once, on every core where many are new (what the run would do lazily, one by one)."""
+        if self._precompiled or self._device:
+            return
+        self._precompiled = True
+        bar = CompileProgress(len(self.distinct_kernels()))
+        try:
+            self.precompile(bar)
+        finally:
+            bar.close()
+
     def precompile(self, progress=None) -> None:
         """Compile (or load from Numba's cache) every distinct kernel now, calling ``progress()``
         after each: what the first run would do lazily, but countable for a progress bar."""
         from gradfuse.runtime.compile_workers import compile_all
 
+        self._precompiled = True
         compile_all(self.distinct_kernels(), progress)
 
     def compile_checked_step(self) -> None:
         """Compile ``checked_step`` under its signature now (the backend caches it beside the
         kernels, so an artifact saved afterwards carries it); False where it cannot: the Python
         path stays."""
+        self._compile_kernels()  # the kernels first, on every core; then the caller, which links them
         self._compiled_step = self.backend.compile_entry(self.module, [v for _, v in self.graph.args],
                                                          self.kernels.buffers) or False
 
@@ -425,6 +441,7 @@ class Program:
             raise InputError(f"checking kernel by kernel (--check) runs on the CPU backend, not {self.backend.name}: "
                              "compile for target='cpu' to find the op that makes a NaN")
         sizes, arrays = self.bind(feeds)
+        self._compile_kernels()
         updated = {old for old, new in self.graph.updates if new is not old}
         before = {v: arrays[self._arg_index[v]].copy() for v in self.graph.outputs if v in updated}
         env: dict[str, object] = dict(sizes)

@@ -28,3 +28,28 @@ def test_a_missing_measurement_renders_without_a_ratio():
 
     table = render([Measurement("b", "gradfuse", 0.002), Measurement("b", "jax jit", math.nan, "not installed")])
     assert table.splitlines()[2].split() == ["jax", "jit", "-", "not", "installed"]
+
+
+def test_the_jax_references_train_as_gradfuse_does():
+    """Two SGD steps of bench_jax's transformer block and CNN from gradfuse's initial weights end
+    at gradfuse's weights (small batches; float32 rounding apart)."""
+    import numpy as np
+
+    import gradfuse as gf
+    from gradfuse import bench_jax
+    from gradfuse.bench import BLOCK, cnn_model, transformer_block_model
+
+    rng = np.random.default_rng(0)
+    shape = (2, BLOCK["seq"], BLOCK["width"])
+    x, y = rng.standard_normal(shape, dtype=np.float32), rng.standard_normal(shape, dtype=np.float32)
+    images, labels = rng.standard_normal((8, 1, 8, 8), dtype=np.float32), rng.integers(0, 10, 8)
+    for model, make, batch in ((transformer_block_model(), bench_jax.block_step, (x, y)),
+                               (cnn_model(), bench_jax.cnn_step, (images, labels))):
+        compiled = gf.compile(model, gf.SGD())
+        extra = (BLOCK["heads"],) if make is bench_jax.block_step else ()
+        step, _ = make({k: v.copy() for k, v in compiled.weights.items()}, *batch, *extra, lr=0.1)  # runs one step
+        params = step()
+        for _ in range(2):
+            compiled.train_step(*batch, lr=0.1)
+        for name, value in params.items():
+            np.testing.assert_allclose(np.asarray(value), compiled.weights[name], rtol=1e-4, atol=1e-5, err_msg=name)
