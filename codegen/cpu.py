@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from gradfuse.files import CACHE, atomic_file
 from gradfuse.ir.graph import Node, Value
-from gradfuse.ir.registry import OpDef, role
+from gradfuse.ir.registry import OpDef, get_op, role
 
 from . import blas
 from .collectives import collective_calls, is_host
@@ -115,7 +115,8 @@ def update_in_gemm(k: Kernel, prog: KernelProgram) -> UpdateInGemm | None:
         return None
     mm, mul, sub = k.nodes
     g = mm.outputs[0]
-    if role(mm) != "gemm" or mul.op != "mul" or sub.op != "sub" or g.type.rank != 2:
+    if (role(mm) != "gemm" or get_op(mul.op).lowering.get("gemm_update") != "scale"
+            or get_op(sub.op).lowering.get("gemm_update") != "minus" or g.type.rank != 2):
         return None
     lr = next((v for v in mul.inputs if v is not g), None)
     step = mul.outputs[0]

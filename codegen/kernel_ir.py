@@ -140,9 +140,9 @@ class Lowering:
         n = self.producer.get(v)
         if n is None or role(n) != "immediate":
             return None
-        if n.op == "const":
+        if get_op(n.op).lowering.get("immediate") == "value":
             return _literal(n.attrs["value"], n.attrs["dtype"])
-        dims = [n.inputs[0].type.shape[a] for a in n.attrs["axes"]]  # count
+        dims = [n.inputs[0].type.shape[a] for a in n.attrs["axes"]]  # a count
         return f"{CTOR[v.type.dtype]}({' * '.join(str(d) for d in dims) or '1'})"
 
     def expr(self, n: Node, operands: list[str]) -> str:
@@ -213,7 +213,8 @@ class Lowering:
         kind = role(anchors[0]) if anchors else "elementwise"
         # symbols of every shape the code mentions: buffers, results, and element counts (``count``
         # of an axis of size N may be the only place N appears in a kernel)
-        counted = [n.inputs[0] for n in [*map(self.producer.get, consts_of), *nodes] if n.op == "count"]
+        counted = [n.inputs[0] for n in [*map(self.producer.get, consts_of), *nodes]
+                   if get_op(n.op).lowering.get("immediate") == "count"]
         symbols = sorted({s for v in [*reads, *produced, *counted] for s in v.type.symbols})
         k = Kernel(name, kind, nodes, reads, writes, consts, anchors, symbols=symbols)
         if kind == "opaque":

@@ -173,7 +173,10 @@ class OpDef:
       ``row_axis`` (row ops: ``node -> axis``, default the last), ``nest`` (other structured
       ops: ``nest(builder, node)`` writes the op's loop nest with the builder of
       ``codegen/loop_nests.py``), ``template`` (a named structured op a backend prints itself:
-      ``gemm``).
+      ``gemm``), ``immediate`` (an op whose result is a literal in the code: ``value``, its
+      ``value`` attribute; ``count``, the product of its operand's dims over ``axes``),
+      ``gemm_update`` (what a GEMM's alpha and beta can do in its place: ``scale``, multiply
+      the product by a scalar; ``minus``, ``c - product``: an SGD update folded into the GEMM).
     - ``scalar_operands``: operand positions a structured kernel reads as one scalar (so a
       constant may stay a literal there).
     - ``checks``: what the runtime verifies of the arguments before launching (IndexCheck,

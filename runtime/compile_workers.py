@@ -6,8 +6,9 @@ same file), and this process then loads the workers' share from the cache, which
 milliseconds a kernel. With everything cached (a warm start) no worker starts.
 
 A worker costs a Python start and ``import numba`` (~0.5 s), so workers start only where there
-are at least WORKER_MIN kernels for each. A worker that fails costs nothing but time: whatever it
-did not compile, this process compiles itself.
+are at least WORKER_MIN kernels for each; ``GRADFUSE_COMPILE_WORKERS`` caps their number (0:
+none). A worker that fails costs nothing but time: whatever it did not compile, this process
+compiles itself.
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ def _job(fn, sig) -> list:
 
 
 def _workers(jobs: int) -> int:
-    return max(0, min((os.cpu_count() or 1) - 1, jobs // WORKER_MIN - 1))
+    """How many workers for ``jobs`` uncached kernels: one less than the cores, or
+    ``GRADFUSE_COMPILE_WORKERS`` (0: this process compiles everything, as Numba alone does)."""
+    limit = os.environ.get("GRADFUSE_COMPILE_WORKERS")
+    most = int(limit) if limit and limit.isdigit() else (os.cpu_count() or 1) - 1
+    return max(0, min(most, jobs // WORKER_MIN - 1))
 
 
 def _split(kernels: list, workers: int) -> list[list]:

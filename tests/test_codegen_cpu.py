@@ -102,6 +102,15 @@ class Results:
     values: dict[int, dict[Value, tuple[np.ndarray, np.ndarray]]]  # N -> value -> (interpreter, compiled)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compiled_here():
+    """Kernels compiled in this process, none by a compile worker (runtime/compile_workers.py):
+    code loaded from Numba's cache has no types to inspect (float64_temporaries)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADFUSE_COMPILE_WORKERS", "0")
+        yield
+
+
 @pytest.fixture(scope="module")
 def op_table(kernel_cache) -> Results:
     g, outputs = table_graph()

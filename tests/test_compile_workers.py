@@ -70,6 +70,9 @@ def test_the_split_balances_bytecode_and_starts_workers_behind():
     assert compile_workers._split(items, 0) == [items]
 
 
-def test_workers_start_only_for_enough_kernels():
+def test_workers_start_only_for_enough_kernels(monkeypatch):
+    monkeypatch.delenv("GRADFUSE_COMPILE_WORKERS", raising=False)
     assert compile_workers._workers(0) == compile_workers._workers(2 * compile_workers.WORKER_MIN - 1) == 0
     assert compile_workers._workers(2 * compile_workers.WORKER_MIN) == (1 if os.cpu_count() > 1 else 0)
+    monkeypatch.setenv("GRADFUSE_COMPILE_WORKERS", "0")
+    assert compile_workers._workers(100) == 0

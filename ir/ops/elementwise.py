@@ -21,11 +21,13 @@ def _binary_rule(allowed, result_dtype=None):
     return infer
 
 
-def _binary(name: str, fn, expr: str, allowed=NUMERIC, result_dtype=None, doc="", nondiff=None, vjp=None) -> OpDef:
+def _binary(name: str, fn, expr: str, allowed=NUMERIC, result_dtype=None, doc="", nondiff=None, vjp=None,
+            gemm_update: str | None = None) -> OpDef:
     rule = _binary_rule(allowed, result_dtype)
+    lowering = {"expr": expr} | ({"gemm_update": gemm_update} if gemm_update else {})
     return register(OpDef(name, "elementwise", lambda a, b: rule(a, b, _op=name),
                           lambda a, b: np.asarray(fn(a, b)), arity=2, doc=doc, nondiff=nondiff, vjp=vjp,
-                          lowering={"expr": expr}))
+                          lowering=lowering))
 
 
 def _unary(name: str, fn, expr: str, allowed=FLOATS, attrs=None, doc="", nondiff=None, result_dtype=None,
@@ -107,8 +109,8 @@ def _select_vjp(cmp: str, doc: str):
 
 
 add = _binary("add", np.add, "({0} + {1})", doc="a + b", vjp=_add_vjp)
-sub = _binary("sub", np.subtract, "({0} - {1})", doc="a - b", vjp=_sub_vjp)
-mul = _binary("mul", np.multiply, "({0} * {1})", doc="a * b", vjp=_mul_vjp)
+sub = _binary("sub", np.subtract, "({0} - {1})", doc="a - b", vjp=_sub_vjp, gemm_update="minus")
+mul = _binary("mul", np.multiply, "({0} * {1})", doc="a * b", vjp=_mul_vjp, gemm_update="scale")
 div = _binary("div", np.divide, "({0} / {1})", allowed=FLOATS, doc="a / b (floats)", vjp=_div_vjp)
 pow = _binary("pow", np.power, "({0} ** {1})", allowed=FLOATS, doc="a ** b (floats)", vjp=_pow_vjp)
 # NaN in either operand gives NaN, as in numpy (Python's max(a, b) keeps a when b is NaN)
@@ -334,4 +336,4 @@ def _const_ref(*, value: float, dtype: DType, shape):
 register(OpDef("const", "source", _const_infer, _const_ref, arity=0,
                attrs={"value": Attr("float"), "dtype": Attr("dtype", DType.f32), "shape": Attr("dims", ())},
                doc="a tensor filled with one value", nondiff="a constant has no inputs",
-               lowering={"expr": "{OUT}({value})"}, immediate_scalar=True))
+               lowering={"expr": "{OUT}({value})", "immediate": "value"}, immediate_scalar=True))

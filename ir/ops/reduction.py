@@ -80,4 +80,4 @@ register(OpDef("count", "reduction", _count_infer,
                lambda x, *, axes: np.asarray(np.prod([x.shape[a] for a in axes]), dtype=x.dtype), arity=1,
                attrs={"axes": Attr("ints")}, doc="the number of elements over axes, as a float (reads only "
                                                   "the shape, which may hold the batch size N)",
-               nondiff="depends only on the shape", role="immediate"))
+               nondiff="depends only on the shape", role="immediate", lowering={"immediate": "count"}))
