@@ -498,6 +498,37 @@ class SimulatorMath:
 IEEE_MATH = SimulatorMath()
 
 
+def _lock_simulated_shared_arrays() -> None:
+    """numba-cuda's simulator (0.30.4) makes a block's ``cuda.shared.array`` when the first of its
+    threads asks, by a look-up then an insert without a lock, keyed by the calling line found by
+    ``traceback.extract_stack`` (slow on a deep stack, so a thread switch inside it is likely at
+    the switch interval above): two threads can each make one, and then do not share memory.
+    A run of the simulator suite once gave a wrong row of a GEMM that way (or so it looked).
+    Here the look-up and insert are one step under a lock, keyed by the caller's frame."""
+    import threading
+
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np.numpy_support import as_dtype
+
+    shared = kernelapi.FakeCUDAShared
+    if getattr(shared, "locked_by_gradfuse", False):
+        return
+    lock, original = threading.Lock(), shared.array
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory (one buffer), or refused
+            return original(self, shape, dtype, alignment)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            if key not in self._allocations:
+                self._allocations[key] = np.empty(shape, as_dtype(dtype) if isinstance(dtype, types.Type) else dtype)
+            return self._allocations[key]
+
+    shared.array, shared.locked_by_gradfuse = array, True
+
+
 class CUDABackend:
     """The runtime's view of the CUDA backend (``cuda`` on a GPU, ``cudasim`` in Numba's
     simulator): the step takes device arrays; ``call`` moves a run's arrays across."""
@@ -545,6 +576,7 @@ class CUDABackend:
             # simulated thread waits for that loop, and a block of 4 threads takes ~20 ms. At
             # 0.1 ms the op-table test runs 5x faster. (Process-wide, set by the simulator target only.)
             sys.setswitchinterval(min(sys.getswitchinterval(), 1e-4))
+            _lock_simulated_shared_arrays()
         name = f"gfcuda_{stem}_{hashlib.sha256(source.encode()).hexdigest()[:16]}"
         path = os.path.join(cache_dir, f"{name}.py")
         if not os.path.exists(path):
