@@ -75,18 +75,12 @@ def warm_up(compiled, batch_sizes=(2,)) -> None:
     compiles every kernel now (into the module's on-disk cache, which an artifact copies) and
     the buffers of those sizes are laid out before anything is timed."""
     from gradfuse.compiler import CompiledModel
-    from gradfuse.runtime.compile_workers import compile_all
-    from gradfuse.runtime.program import CompileProgress
+    from gradfuse.runtime.program import compile_kernels
 
     programs = [p for p in (compiled.predict_program, compiled.train_program) if p is not None]
     if programs[0]._device:
         return  # GPU kernels: their PTX is written instead (_write_ptx); nothing runs where there may be no GPU
-    todo = list({id(fn): (fn, sig) for p in programs for fn, sig in p.distinct_kernels()}.values())
-    bar = CompileProgress(len(todo))
-    try:
-        compile_all(todo, bar)
-    finally:
-        bar.close()
+    compile_kernels(programs)  # the two programs' kernels in one split between the workers
     scratch = CompiledModel(compiled.name, compiled.inputs, compiled.targets, compiled.predict_program,
                             compiled.train_program, {k: v.copy() for k, v in compiled.weights.items()})
     for n in dict.fromkeys(max(n, 2) for n in batch_sizes):  # a training batch needs two rows (BatchNorm)

@@ -72,6 +72,22 @@ class CompileProgress:
             self.stream.flush()
 
 
+def compile_kernels(programs: list) -> None:
+    """Every distinct kernel of the CPU ``programs`` compiled (or loaded from Numba's cache) now,
+    on every core where many are new (runtime/compile_workers.py), with the progress bar; their
+    first runs then compile none."""
+    from gradfuse.runtime.compile_workers import compile_all
+
+    todo = list({id(fn): (fn, sig) for p in programs for fn, sig in p.distinct_kernels()}.values())
+    bar = CompileProgress(len(todo))
+    try:
+        compile_all(todo, bar)
+    finally:
+        bar.close()
+    for p in programs:
+        p._precompiled = True
+
+
 class _SlowPath(Exception):
     pass
 
@@ -126,7 +142,7 @@ class Program:
         self.updates = frozenset(old.name for old, new in self.graph.updates if new is not old)
         self._device = self.backend.target.name != "cpu"  # arguments and buffers in device memory
         self._device_ready = False
-        self._precompiled = False  # every distinct kernel compiled (see _compile_kernels)
+        self._precompiled = False  # every distinct kernel compiled (compile_kernels)
 
     @classmethod
     def compile(cls, graph: Graph, cache_dir: str = DEFAULT_CACHE, target: str = "cpu", backend=None,
@@ -389,24 +405,10 @@ class Program:
         return getattr(self.module, "LITERALS", {}).get(k.name, ())
 
     def _compile_kernels(self) -> None:
-        """Before the first run: every distinct kernel compiled (or loaded from Numba's cache) at
-        once, on every core where many are new (what the run would do lazily, one by one)."""
-        if self._precompiled or self._device:
-            return
-        self._precompiled = True
-        bar = CompileProgress(len(self.distinct_kernels()))
-        try:
-            self.precompile(bar)
-        finally:
-            bar.close()
-
-    def precompile(self, progress=None) -> None:
-        """Compile (or load from Numba's cache) every distinct kernel now, calling ``progress()``
-        after each: what the first run would do lazily, but countable for a progress bar."""
-        from gradfuse.runtime.compile_workers import compile_all
-
-        self._precompiled = True
-        compile_all(self.distinct_kernels(), progress)
+        """Before the first run: every distinct kernel compiled at once (what the run would do
+        lazily, one by one), unless compile_kernels did it already."""
+        if not self._precompiled and not self._device:
+            compile_kernels([self])
 
     def compile_checked_step(self) -> None:
         """Compile ``checked_step`` under its signature now (the backend caches it beside the
